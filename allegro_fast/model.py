@@ -1,0 +1,179 @@
+"""`allegro_fast.Allegro`: the Allegro model with a selectable backend.
+
+backend="torch": pure PyTorch, CPU or CUDA. It computes exactly the reference's function with the same
+parameter names and shapes (state dicts move both ways), but only what reaches the energy:
+- the tensor product runs on the needed paths only, as one matmul per spherical-harmonic degree
+  (`torch_ops.CompactTensorProduct`), the last layer computing only the scalar paths;
+- channel mixing keeps only the irreps the next layer uses;
+- the environment sum is one index_add over edges sorted by center.
+backend="triton": the fused kernels (see `allegro_fast.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+from e3nn.math import normalize2mom
+from torch import nn
+
+from .config import AllegroConfig
+from .graph import AtomicGraph
+from .potential import AllegroPotential, float64_construction
+from .radial import bessel_basis, initial_bessel_frequencies, polynomial_envelope
+from .tensor_product import LayerTensorProduct, describe_layers, spherical_harmonic_irreps
+from .torch_ops import ChannelMixing, CompactTensorProduct, RankOneTensorProduct, ScalarPathsProduct
+
+BACKENDS = ("torch", "triton")
+
+
+class _MLPLayer(nn.Module):
+    def __init__(self, num_in: int, num_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_in, num_out))
+
+
+class ScalarMLP(nn.Module):
+    """Bias-free MLP with normalised SiLU, identical to e3nn's FullyConnectedNet (same parameter names)."""
+
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        self.num_layers = len(widths) - 1
+        for k in range(self.num_layers):
+            setattr(self, f"layer{k}", _MLPLayer(widths[k], widths[k + 1]))
+        self.activation_scale = normalize2mom(nn.functional.silu).cst
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k in range(self.num_layers):
+            weight = getattr(self, f"layer{k}").weight
+            x = x @ (weight / weight.shape[0] ** 0.5)
+            if k < self.num_layers - 1:
+                x = nn.functional.silu(x) * self.activation_scale
+        return x
+
+
+class _ScalarLinear(nn.Module):
+    """Scalars-to-scalars e3nn o3.Linear: flat weight (num_in * num_out,), scaled by 1/sqrt(num_in)."""
+
+    def __init__(self, num_in: int, num_out: int) -> None:
+        super().__init__()
+        self.num_in, self.num_out = num_in, num_out
+        self.weight = nn.Parameter(torch.randn(num_in * num_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight.view(self.num_in, self.num_out) / self.num_in**0.5)
+
+
+class _MixingWeight(nn.Module):
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(numel))
+
+
+def spherical_harmonics(vectors: torch.Tensor, l_max: int) -> torch.Tensor:
+    """e3nn's component-normalised real spherical harmonics of normalised vectors, (E, 3) -> (E, (l_max+1)^2)."""
+    from e3nn.o3 import spherical_harmonics as e3nn_sh
+
+    return e3nn_sh(list(range(l_max + 1)), vectors, normalize=True, normalization="component")
+
+
+class TorchAllegroLayer(nn.Module):
+    def __init__(self, description: LayerTensorProduct, input_irreps, output_irreps, config: AllegroConfig, is_first: bool) -> None:
+        super().__init__()
+        n = config.num_tensor_features
+        self.is_first = is_first
+        self.env_linear = _ScalarLinear(config.num_scalar_features, n * (config.l_max + 1))
+        if is_first:
+            self.tensor_product = RankOneTensorProduct(description, description.needed_paths)
+        elif description.is_last:
+            self.tensor_product = ScalarPathsProduct(description, input_irreps)
+        else:
+            self.tensor_product = CompactTensorProduct(description, input_irreps, description.needed_paths)
+        self.latent_mlp = ScalarMLP(
+            [config.num_scalar_features + description.num_scalar_features, *config.latent_mlp_hidden,
+             config.num_scalar_features]
+        )
+        if description.is_last:
+            self.mixing = None
+            self.channel_mixing = None
+        else:
+            self.channel_mixing = ChannelMixing(description, self.tensor_product, output_irreps)
+            self.mixing = _MixingWeight(self.channel_mixing.weight_numel)
+
+
+class Allegro(AllegroPotential):
+    """Allegro with a selectable backend ("torch" or "triton"); parameters as in the reference."""
+
+    def __init__(self, config: AllegroConfig, backend: str = "torch") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{backend}'; choose one of {list(BACKENDS)}")
+        if backend == "triton":
+            raise NotImplementedError(
+                "backend 'triton' is not available in this version yet; use backend='torch' (CPU and CUDA)"
+            )
+        with float64_construction() as default_dtype:
+            self._build(config)
+            self.backend = backend
+            self.remember_exact_constants()
+        self.to(default_dtype)
+
+    def _build(self, config: AllegroConfig) -> None:
+        super().__init__(config)
+        n, width = config.num_tensor_features, config.num_scalar_features
+        frequencies = initial_bessel_frequencies(config.num_bessels)
+        if config.bessel_trainable:
+            self.bessel_frequencies = nn.Parameter(frequencies)
+        else:
+            self.register_buffer("bessel_frequencies", frequencies)
+        self.two_body_mlp = ScalarMLP([2 * config.num_types + config.num_bessels, *config.two_body_mlp_hidden, width])
+        self.two_body_env_linear = _ScalarLinear(width, n * (config.l_max + 1))
+
+        descriptions = describe_layers(config.num_layers, config.l_max, config.parity, n)
+        # Irreps of V that each layer reads: those of its needed paths, in the description's order.
+        input_irreps = [
+            tuple(irrep for irrep in d.irreps_in1 if any(d.paths[i].in1 == d.irreps_in1.index(irrep) for i in d.needed_paths))
+            for d in descriptions
+        ]
+        self.input_irreps = input_irreps
+        self.layers = nn.ModuleList(
+            TorchAllegroLayer(d, input_irreps[k], input_irreps[k + 1] if k + 1 < len(descriptions) else (), config, k == 0)
+            for k, d in enumerate(descriptions)
+        )
+        self.readout_mlp = ScalarMLP([width, *config.readout_mlp_hidden, 1])
+        self.register_buffer(
+            "sh_degree", torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]), persistent=False
+        )
+
+    def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        config = self.config
+        n = config.num_tensor_features
+        num_edges = edge_vectors.shape[0]
+        center, neighbor = graph.edge_index
+        lengths = torch.linalg.norm(edge_vectors, dim=1)
+        envelope = polynomial_envelope(lengths, config.r_max, config.polynomial_p).unsqueeze(-1)
+        sh = spherical_harmonics(edge_vectors, config.l_max)  # (E, (l_max+1)^2)
+
+        onehot = nn.functional.one_hot(species, config.num_types).to(edge_vectors.dtype)
+        radial = bessel_basis(lengths, self.bessel_frequencies, config.r_max)
+        x = self.two_body_mlp(torch.cat([onehot[center], onehot[neighbor], radial], dim=1)) * envelope
+
+        # V^{ij,0}_{c,(l,m)} = w_{c,l} Y_{l,m} stays factored: the first layer's product uses w and Y.
+        w0 = self.two_body_env_linear(x).view(num_edges, config.l_max + 1, n)
+        v = None
+
+        norm = config.avg_num_neighbors**-0.5
+        for layer in self.layers:
+            weights = layer.env_linear(x).view(num_edges, config.l_max + 1, n)
+            env_per_edge = weights.index_select(1, self.sh_degree).transpose(1, 2) * sh.unsqueeze(1)  # (E, n, D2)
+            environment = torch.zeros(graph.num_nodes, n, sh.shape[1], dtype=x.dtype, device=x.device)
+            environment = environment.index_add(0, center, env_per_edge * norm)
+            environment = environment.index_select(0, center)
+            if layer.is_first:
+                paths = layer.tensor_product(w0, sh, environment)
+            else:
+                paths = layer.tensor_product(v, environment)
+            blocks = layer.tensor_product.split(paths)
+            scalars = layer.tensor_product.scalars(blocks)
+            update = layer.latent_mlp(torch.cat([x, scalars], dim=1)) * envelope
+            x = config.residual_old_weight * x + config.residual_new_weight * update
+            if layer.mixing is not None:
+                v = layer.channel_mixing(blocks, layer.mixing.weight)
+        return self.readout_mlp(x).squeeze(-1)

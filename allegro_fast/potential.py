@@ -1,0 +1,183 @@
+"""What every Allegro model shares around its edge function: species lookup, the per-atom energy sum,
+and forces and stress by automatic differentiation (DESIGN section 1, items 5 and 6).
+
+A backend implements `edge_energies(edge_vectors, center_species, neighbor_species, graph)`; the base
+class turns that into the output dict
+
+    energy (B,), atomic_energy (N,), forces (N, 3) = -dE/dr, stress (B, 3, 3) = (1/V) dE/d(strain).
+
+Stress is taken with respect to a symmetric strain applied to positions and cell together; it is zero
+for structures without a cell volume (molecules, slabs with an empty vacuum vector).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import AllegroConfig
+from .graph import AtomicGraph
+
+
+# Buffers computed exactly at construction (float64) and never trained: restored after a dtype round trip.
+_EXACT_CONSTANT_MARKERS = ("w3j", "clebsch_gordan", "bessel_frequencies", "per_species_energy_")
+
+
+def _is_backend_constant(name: str, value: torch.Tensor) -> bool:
+    """Buffers that e3nn modules keep for themselves, not weights of the function."""
+    return "w3j" in name or name.endswith("output_mask") or value.numel() == 0
+
+
+@contextlib.contextmanager
+def float64_construction() -> Iterator[torch.dtype]:
+    """Build modules with float64 defaults, yielding the caller's default dtype.
+
+    e3nn computes Clebsch-Gordan and spherical-harmonic constants in the default dtype when a module is
+    built; built in float32 and cast to float64 later, they keep float32 round-off (equivariance errors of
+    1e-10 instead of 1e-15). Models are therefore built in float64 and cast to the caller's dtype after.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield previous
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class AllegroPotential(nn.Module):
+    """Base class: holds the per-species energy scale/shift and the species lookup."""
+
+    def __init__(self, config: AllegroConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_types = config.num_types
+        type_of_atomic_number = torch.full((119,), -1, dtype=torch.long)
+        for type_index, z in enumerate(config.atomic_numbers):
+            type_of_atomic_number[z] = type_index
+        self.register_buffer("type_of_atomic_number", type_of_atomic_number, persistent=False)
+        shift = config.per_species_energy_shift or (0.0,) * num_types
+        scale = config.per_species_energy_scale or (1.0,) * num_types
+        self.register_buffer("per_species_energy_shift", torch.tensor(shift, dtype=torch.get_default_dtype()))
+        self.register_buffer("per_species_energy_scale", torch.tensor(scale, dtype=torch.get_default_dtype()))
+        if config.per_edge_species_scale:
+            self.edge_species_scale = nn.Parameter(torch.ones(num_types, num_types))
+        else:
+            self.edge_species_scale = None
+
+    def remember_exact_constants(self) -> None:
+        """Keep float64 copies of constant buffers (Clebsch-Gordan tables, Bessel frequencies, per-species
+        shift and scale), so that a model cast to float32 and back to float64 gets them back without float32
+        round-off. load_state_dict refreshes the copies of the buffers it loads."""
+        self._exact_constants = {
+            name: buffer.detach().to(torch.float64).clone()
+            for name, buffer in self.named_buffers()
+            if buffer.is_floating_point() and any(marker in name for marker in _EXACT_CONSTANT_MARKERS)
+        }
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights from any backend or the reference: constants that only one side keeps (e3nn's
+        Clebsch-Gordan buffers and empty bias/weight placeholders) are taken from this model."""
+        own = self.state_dict()
+        state = {key: value for key, value in state_dict.items() if key in own or not _is_backend_constant(key, value)}
+        for key, value in own.items():
+            if key not in state and _is_backend_constant(key, value):
+                state[key] = value
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        exact = getattr(self, "_exact_constants", {})
+        for key in exact:
+            if key in state_dict:
+                exact[key] = state_dict[key].detach().to(torch.float64).clone()
+        return result
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name, exact in getattr(self, "_exact_constants", {}).items():
+            buffer = self.get_buffer(name)
+            with torch.no_grad():
+                buffer.copy_(exact.to(device=buffer.device, dtype=buffer.dtype))
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.per_species_energy_shift.dtype
+
+    def species_of(self, graph: AtomicGraph) -> torch.Tensor:
+        """Type index of every atom; an atomic number outside type_names is an error naming the atom."""
+        numbers = graph.atomic_numbers
+        valid_range = (numbers >= 0) & (numbers < self.type_of_atomic_number.numel())
+        species = torch.where(valid_range, self.type_of_atomic_number[numbers.clamp(0, 118)], -1)
+        unknown = torch.nonzero(species < 0)
+        if len(unknown) > 0:
+            atom = int(unknown[0, 0])
+            structure = int(graph.batch[atom])
+            first_atom = int(torch.nonzero(graph.batch == structure)[0, 0])
+            raise ValueError(
+                f"atom {atom - first_atom} of structure {structure} has atomic number {int(numbers[atom])}, "
+                f"which is not one of the model's type_names {list(self.config.type_names)}"
+            )
+        return species
+
+    def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """(E, 3) edge vectors -> (E,) edge energies E_ij before the per-species-pair scale."""
+        raise NotImplementedError
+
+    def atomic_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        center, neighbor = graph.edge_index
+        edge_energy = self.edge_energies(edge_vectors, species, graph)
+        if self.edge_species_scale is not None:
+            edge_energy = edge_energy * self.edge_species_scale[species[center], species[neighbor]]
+        summed = torch.zeros(graph.num_nodes, dtype=edge_energy.dtype, device=edge_energy.device)
+        summed = summed.index_add(0, center, edge_energy) / self.config.avg_num_neighbors**0.5
+        return self.per_species_energy_scale[species] * summed + self.per_species_energy_shift[species]
+
+    def forward(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool | None = None,
+        create_graph: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Energy, per-atom energy, forces and (for periodic structures, by default) stress.
+
+        create_graph defaults to self.training, so a force loss can be differentiated again.
+        """
+        if compute_stress is None:
+            compute_stress = bool(graph.pbc.any())
+        if create_graph is None:
+            create_graph = self.training
+        dtype = self.dtype
+        species = self.species_of(graph)
+        positions = graph.positions.to(dtype)
+        cell = graph.cell.to(dtype)
+        center, neighbor = graph.edge_index
+        inputs = []
+        if compute_forces:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        if compute_stress:
+            strain = torch.zeros_like(cell).requires_grad_(True)
+            inputs.append(strain)
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            positions = positions + torch.bmm(positions.unsqueeze(1), symmetric[graph.batch]).squeeze(1)
+            cell = cell + torch.bmm(cell, symmetric)
+        shifts = torch.einsum("ek,ekd->ed", graph.edge_shift.to(dtype), cell[graph.batch[center]])
+        edge_vectors = positions[neighbor] - positions[center] + shifts
+
+        atomic_energy = self.atomic_energies(edge_vectors, species, graph)
+        energy = torch.zeros(graph.num_structures, dtype=dtype, device=atomic_energy.device)
+        energy = energy.index_add(0, graph.batch, atomic_energy)
+        out = {"energy": energy, "atomic_energy": atomic_energy}
+        if inputs:
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+            if compute_forces:
+                out["forces"] = -grads[0]
+            if compute_stress:
+                volume = torch.linalg.det(graph.cell.to(dtype)).abs()
+                safe_volume = torch.where(volume > 0, volume, torch.ones_like(volume))
+                stress = grads[-1] / safe_volume.view(-1, 1, 1)
+                out["stress"] = torch.where((volume > 0).view(-1, 1, 1), stress, torch.zeros_like(stress))
+        return out

@@ -1,0 +1,1 @@
+"""Triton kernels for Allegro (installed as allegro_fast.kernels)."""

@@ -1,0 +1,104 @@
+"""The torch backend against the reference: outputs, parameter gradients of a force loss, state dicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import allegro_fast as af
+from allegro_fast.testing import TOLERANCE, assert_close, assert_equivariant
+
+from conftest import diamond, ethanol, lonely_and_pair, periodic_cho, randomize_edge_scale, small_config
+
+CONFIGS = {
+    "default": dict(),
+    "l1-1layer": dict(l_max=1, num_layers=1),
+    "l3-3layers": dict(l_max=3, num_layers=3, num_tensor_features=3),
+    "se3": dict(parity=False),
+    "se3-l3-2layers": dict(l_max=3, parity=False),
+    "trainable-bessel": dict(bessel_trainable=True, per_edge_species_scale=False, num_tensor_features=1),
+}
+
+
+def pair(overrides: dict, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    config = small_config(**overrides)
+    ref = af.reference.ReferenceAllegro(config).to(torch.float64)
+    randomize_edge_scale(ref, seed)
+    fast = af.Allegro(config, backend="torch").to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def energy_force_loss(model, graph):
+    out = model(graph, compute_stress=False, create_graph=True)
+    return out["energy"].pow(2).sum() + out["forces"].pow(2).sum(), out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_outputs_and_parameter_gradients_match_reference_float64(name, structures):
+    ref, fast = pair(CONFIGS[name], seed=len(name))
+    graph = af.AtomicGraph.from_ase(structures, r_max=ref.config.r_max)
+    expected, actual = ref(graph), fast(graph)
+    for key in ("energy", "atomic_energy", "forces", "stress"):
+        assert_close(actual[key], expected[key], f"{name}: {key}", TOLERANCE[torch.float64])
+
+    loss_ref, _ = energy_force_loss(ref.train(), graph)
+    loss_fast, _ = energy_force_loss(fast.train(), graph)
+    grads_ref = dict(zip([n for n, _ in ref.named_parameters()], torch.autograd.grad(loss_ref, list(ref.parameters()))))
+    grads_fast = dict(zip([n for n, _ in fast.named_parameters()], torch.autograd.grad(loss_fast, list(fast.parameters()))))
+    assert set(grads_fast) == set(grads_ref)
+    for parameter, grad in grads_fast.items():
+        assert_close(grad, grads_ref[parameter], f"{name}: gradient of {parameter}", TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("name", ["default", "l3-3layers"])
+def test_float32_matches_float64_reference(name, structures):
+    ref, fast = pair(CONFIGS[name], dtype=torch.float32, seed=3)
+    graph = af.AtomicGraph.from_ase(structures, r_max=ref.config.r_max)
+    expected, actual = ref(graph), fast(graph)
+    assert actual["forces"].dtype == torch.float32
+    for key in ("energy", "forces", "stress"):
+        assert_close(actual[key], expected[key], f"float32 {key}", TOLERANCE[torch.float32])
+
+
+def test_state_dict_moves_back_to_reference(structures):
+    ref, fast = pair({}, seed=4)
+    with torch.no_grad():
+        for parameter in fast.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    ref2 = af.reference.ReferenceAllegro(ref.config).double()
+    ref2.load_state_dict(fast.state_dict())
+    graph = af.AtomicGraph.from_ase(structures, r_max=ref.config.r_max)
+    assert_close(ref2(graph)["forces"], fast(graph)["forces"], "forces after fast -> reference", TOLERANCE[torch.float64])
+
+
+def test_equivariance_of_torch_backend(structures):
+    _, fast = pair({"l_max": 3}, seed=5)
+    assert max(assert_equivariant(fast, structures, trials=3).values()) <= TOLERANCE[torch.float64]
+
+
+def test_graph_without_edges():
+    _, fast = pair({}, seed=6)
+    atoms = lonely_and_pair()[:2]  # two atoms 10 Å apart: no edges at all
+    out = fast(af.AtomicGraph.from_ase(atoms, r_max=fast.config.r_max))
+    expected = fast.per_species_energy_shift[[2, 0]].sum()
+    assert float(out["energy"][0]) == pytest.approx(float(expected), abs=1e-14)
+    assert float(out["forces"].abs().max()) == 0.0
+
+
+def test_backend_choice_is_explicit():
+    config = small_config()
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        af.Allegro(config, backend="jax")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(structures):
+    ref, fast = pair({}, seed=7)
+    graph = af.AtomicGraph.from_ase(structures, r_max=ref.config.r_max)
+    expected = ref(graph)
+    actual = fast.cuda()(graph.to(device="cuda"))
+    for key in ("energy", "forces", "stress"):
+        assert_close(actual[key].cpu(), expected[key], f"CUDA {key}", TOLERANCE[torch.float64])
