@@ -22,12 +22,15 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md import velocitydistribution
 from ase.md.verlet import VelocityVerlet
 
 import allegro_fast as af
 from allegro_fast.calculator import AllegroCalculator
 from allegro_fast.statistics import fit_statistics
+
+# ASE >= 3.29 renamed MaxwellBoltzmannDistribution; accept both.
+thermalize = getattr(velocitydistribution, "thermalize_momenta", None) or velocitydistribution.MaxwellBoltzmannDistribution
 
 
 def generate_frames(count: int, seed: int) -> list:
@@ -35,8 +38,8 @@ def generate_frames(count: int, seed: int) -> list:
     del atoms[0]  # a vacancy
     atoms.calc = EMT()
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=1200, rng=rng)
-    dynamics = Langevin(atoms, 4 * units.fs, temperature_K=1200, friction=0.02, rng=rng)
+    thermalize(atoms, temperature_K=1200, rng=rng)
+    dynamics = Langevin(atoms, 4 * units.fs, temperature_K=1200, friction=0.02, fixcm=False, rng=rng)
     frames = []
     for _ in range(count):
         dynamics.run(5)
@@ -88,7 +91,7 @@ def main() -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
         print(f"epoch {epoch:3d}  loss {total / len(graphs):.5f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     model.eval()
@@ -101,7 +104,7 @@ def main() -> None:
 
     atoms = test[-1].copy()
     atoms.calc = AllegroCalculator(model)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(args.seed))
+    thermalize(atoms, temperature_K=600, rng=np.random.default_rng(args.seed))
     dynamics = VelocityVerlet(atoms, 2 * units.fs)
     start = atoms.get_total_energy()
     t_md = time.perf_counter()
