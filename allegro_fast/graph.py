@@ -113,16 +113,18 @@ class AtomicGraph:
     def num_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    def edge_vectors(self) -> torch.Tensor:
+    def edge_vectors(self, positions: Optional[torch.Tensor] = None, cell: Optional[torch.Tensor] = None) -> torch.Tensor:
         """r_ij = positions[j] - positions[i] + S_ij @ cell[batch[i]], shape (E, 3).
 
-        Differentiable with respect to ``positions`` and ``cell``.
+        ``positions`` and ``cell`` default to the graph's own; pass others (e.g. strained, or in another
+        dtype, with requires_grad) to differentiate with respect to them.
         """
+        positions = self.positions if positions is None else positions
+        cell = self.cell if cell is None else cell
         centers, neighbours = self.edge_index
-        edge_cell = self.cell[self.batch[centers]]  # (E, 3, 3)
-        shifts = self.edge_shift.to(self.positions.dtype)
-        shift_vectors = torch.einsum("ek,ekc->ec", shifts, edge_cell)
-        return self.positions[neighbours] - self.positions[centers] + shift_vectors
+        edge_cell = cell[self.batch[centers]]  # (E, 3, 3)
+        shift_vectors = torch.einsum("ek,ekc->ec", self.edge_shift.to(positions.dtype), edge_cell)
+        return positions[neighbours] - positions[centers] + shift_vectors
 
     # ------------------------------------------------------------------------------
     # Construction
@@ -258,7 +260,7 @@ class AtomicGraph:
         edge_indices, edge_shifts = [], []
         atom_offset = 0
         for structure_index, (positions, atomic_numbers, cell, pbc) in enumerate(structures):
-            _check_structure(structure_index, positions, atomic_numbers, cell, pbc)
+            _check_structure(structure_index, positions, atomic_numbers, cell)
             if allowed_numbers is not None:
                 _check_species(structure_index, atomic_numbers, allowed_numbers, type_names)
             centers, neighbours, shifts = _structure_edges(
@@ -372,7 +374,7 @@ def _check_species(structure_index, atomic_numbers, allowed_numbers, type_names)
         )
 
 
-def _check_structure(structure_index, positions, atomic_numbers, cell, pbc) -> None:
+def _check_structure(structure_index, positions, atomic_numbers, cell) -> None:
     """Non-empty, finite positions and cell, valid atomic numbers."""
     if positions.shape[0] == 0:
         raise ValueError(f"structure {structure_index} is empty (0 atoms)")

@@ -152,7 +152,6 @@ class AllegroPotential(nn.Module):
         species = self.species_of(graph)
         positions = graph.positions.to(dtype)
         cell = graph.cell.to(dtype)
-        center, neighbor = graph.edge_index
         inputs = []
         if compute_forces:
             positions = positions.detach().requires_grad_(True)
@@ -163,8 +162,7 @@ class AllegroPotential(nn.Module):
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             positions = positions + torch.bmm(positions.unsqueeze(1), symmetric[graph.batch]).squeeze(1)
             cell = cell + torch.bmm(cell, symmetric)
-        shifts = torch.einsum("ek,ekd->ed", graph.edge_shift.to(dtype), cell[graph.batch[center]])
-        edge_vectors = positions[neighbor] - positions[center] + shifts
+        edge_vectors = graph.edge_vectors(positions, cell)
 
         atomic_energy = self.atomic_energies(edge_vectors, species, graph)
         energy = torch.zeros(graph.num_structures, dtype=dtype, device=atomic_energy.device)
