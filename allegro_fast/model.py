@@ -41,12 +41,20 @@ class ScalarMLP(nn.Module):
             setattr(self, f"layer{k}", _MLPLayer(widths[k], widths[k + 1]))
         self.activation_scale = normalize2mom(nn.functional.silu).cst
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for k in range(self.num_layers):
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """MLP of the concatenation of the inputs (the first matmul is split instead of concatenating)."""
+        first = self.layer0.weight / self.layer0.weight.shape[0] ** 0.5
+        if len(inputs) == 1:
+            x = inputs[0] @ first
+        else:
+            parts = first.split([part.shape[1] for part in inputs])
+            x = sum(part @ weight for part, weight in zip(inputs, parts))
+        for k in range(1, self.num_layers + 1):
+            if k == self.num_layers:
+                break
+            x = nn.functional.silu(x) * self.activation_scale
             weight = getattr(self, f"layer{k}").weight
             x = x @ (weight / weight.shape[0] ** 0.5)
-            if k < self.num_layers - 1:
-                x = nn.functional.silu(x) * self.activation_scale
         return x
 
 
@@ -58,8 +66,8 @@ class _ScalarLinear(nn.Module):
         self.num_in, self.num_out = num_in, num_out
         self.weight = nn.Parameter(torch.randn(num_in * num_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ (self.weight.view(self.num_in, self.num_out) / self.num_in**0.5)
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return x @ (self.weight.view(self.num_in, self.num_out) * (scale / self.num_in**0.5))
 
 
 class _MixingWeight(nn.Module):
@@ -142,6 +150,15 @@ class Allegro(AllegroPotential):
             "sh_degree", torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]), persistent=False
         )
 
+    edge_chunk_size: int = 1024
+
+    def _chunk_sizes(self, num_edges: int) -> list[int]:
+        if num_edges == 0:
+            return [0]
+        count = max(1, round(num_edges / self.edge_chunk_size))
+        base, extra = divmod(num_edges, count)
+        return [base + 1] * extra + [base] * (count - extra)
+
     def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         config = self.config
         n = config.num_tensor_features
@@ -160,20 +177,32 @@ class Allegro(AllegroPotential):
         v = None
 
         norm = config.avg_num_neighbors**-0.5
+        # Edges are processed in chunks after each environment sum, so that the large per-edge
+        # intermediates of the tensor product stay in cache (split, whose backward is one cat).
+        sizes = self._chunk_sizes(num_edges)
+        sh_chunks, envelope_chunks, center_chunks = sh.split(sizes), envelope.split(sizes), center.split(sizes)
+        w0_chunks = w0.split(sizes)
         for layer in self.layers:
-            weights = layer.env_linear(x).view(num_edges, config.l_max + 1, n)
+            weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
             env_per_edge = weights.index_select(1, self.sh_degree).transpose(1, 2) * sh.unsqueeze(1)  # (E, n, D2)
             environment = torch.zeros(graph.num_nodes, n, sh.shape[1], dtype=x.dtype, device=x.device)
-            environment = environment.index_add(0, center, env_per_edge * norm)
-            environment = environment.index_select(0, center)
-            if layer.is_first:
-                paths = layer.tensor_product(w0, sh, environment)
-            else:
-                paths = layer.tensor_product(v, environment)
-            blocks = layer.tensor_product.split(paths)
-            scalars = layer.tensor_product.scalars(blocks)
-            update = layer.latent_mlp(torch.cat([x, scalars], dim=1)) * envelope
-            x = config.residual_old_weight * x + config.residual_new_weight * update
+            environment = environment.index_add(0, center, env_per_edge)
+            x_chunks = x.split(sizes)
+            v_chunks = v.split(sizes) if v is not None else w0_chunks
+            new_x, new_v = [], []
+            for k in range(len(sizes)):
+                local_env = environment.index_select(0, center_chunks[k])
+                if layer.is_first:
+                    paths = layer.tensor_product(w0_chunks[k], sh_chunks[k], local_env)
+                else:
+                    paths = layer.tensor_product(v_chunks[k], local_env)
+                blocks = layer.tensor_product.split(paths)
+                scalars = layer.tensor_product.scalars(blocks)
+                update = layer.latent_mlp(x_chunks[k], scalars) * envelope_chunks[k]
+                new_x.append(config.residual_old_weight * x_chunks[k] + config.residual_new_weight * update)
+                if layer.mixing is not None:
+                    new_v.append(layer.channel_mixing(blocks, layer.mixing.weight))
+            x = torch.cat(new_x) if len(new_x) > 1 else new_x[0]
             if layer.mixing is not None:
-                v = layer.channel_mixing(blocks, layer.mixing.weight)
+                v = torch.cat(new_v) if len(new_v) > 1 else new_v[0]
         return self.readout_mlp(x).squeeze(-1)
