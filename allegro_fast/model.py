@@ -17,8 +17,8 @@ from torch import nn
 
 from .config import AllegroConfig
 from .graph import AtomicGraph
-from .potential import AllegroPotential, float64_construction
-from .radial import bessel_basis, initial_bessel_frequencies, polynomial_envelope
+from .potential import AllegroPotential
+from .radial import bessel_basis, polynomial_envelope
 from .tensor_product import LayerTensorProduct, describe_layers, spherical_harmonic_irreps
 from .torch_ops import ChannelMixing, CompactTensorProduct, RankOneTensorProduct, ScalarPathsProduct
 
@@ -117,20 +117,11 @@ class Allegro(AllegroPotential):
             raise NotImplementedError(
                 "backend 'triton' is not available in this version yet; use backend='torch' (CPU and CUDA)"
             )
-        with float64_construction() as default_dtype:
-            self._build(config)
-            self.backend = backend
-            self.remember_exact_constants()
-        self.to(default_dtype)
-
-    def _build(self, config: AllegroConfig) -> None:
         super().__init__(config)
+        self.backend = backend
+
+    def build(self, config: AllegroConfig) -> None:
         n, width = config.num_tensor_features, config.num_scalar_features
-        frequencies = initial_bessel_frequencies(config.num_bessels)
-        if config.bessel_trainable:
-            self.bessel_frequencies = nn.Parameter(frequencies)
-        else:
-            self.register_buffer("bessel_frequencies", frequencies)
         self.two_body_mlp = ScalarMLP([2 * config.num_types + config.num_bessels, *config.two_body_mlp_hidden, width])
         self.two_body_env_linear = _ScalarLinear(width, n * (config.l_max + 1))
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import AllegroConfig
 from .graph import AtomicGraph
+from .radial import initial_bessel_frequencies
 
 
 # Buffers computed exactly at construction (float64) and never trained: restored after a dtype round trip.
@@ -48,10 +49,24 @@ def float64_construction() -> Iterator[torch.dtype]:
 
 
 class AllegroPotential(nn.Module):
-    """Base class: holds the per-species energy scale/shift and the species lookup."""
+    """Base class: per-species energy scale/shift, species lookup, Bessel frequencies, forces and stress.
+
+    Subclasses implement `build(config)` (their modules) and `edge_energies`. Everything is built with
+    float64 defaults (see `float64_construction`) and then cast to the caller's default dtype.
+    """
 
     def __init__(self, config: AllegroConfig) -> None:
-        super().__init__()
+        with float64_construction() as default_dtype:
+            super().__init__()
+            self._build_common(config)
+            self.build(config)
+            self.remember_exact_constants()
+        self.to(default_dtype)
+
+    def build(self, config: AllegroConfig) -> None:
+        raise NotImplementedError
+
+    def _build_common(self, config: AllegroConfig) -> None:
         self.config = config
         num_types = config.num_types
         type_of_atomic_number = torch.full((119,), -1, dtype=torch.long)
@@ -66,6 +81,11 @@ class AllegroPotential(nn.Module):
             self.edge_species_scale = nn.Parameter(torch.ones(num_types, num_types))
         else:
             self.edge_species_scale = None
+        frequencies = initial_bessel_frequencies(config.num_bessels)
+        if config.bessel_trainable:
+            self.bessel_frequencies = nn.Parameter(frequencies)
+        else:
+            self.register_buffer("bessel_frequencies", frequencies)
 
     def remember_exact_constants(self) -> None:
         """Keep float64 copies of constant buffers (Clebsch-Gordan tables, Bessel frequencies, per-species

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..config import AllegroConfig
 from ..graph import AtomicGraph
-from ..potential import AllegroPotential, float64_construction
-from ..radial import bessel_basis, initial_bessel_frequencies, polynomial_envelope
+from ..potential import AllegroPotential
+from ..radial import bessel_basis, polynomial_envelope
 from ..tensor_product import LayerTensorProduct, describe_layers, irreps_string, spherical_harmonic_irreps
 
 
@@ -75,20 +75,8 @@ class ReferenceLayer(nn.Module):
 class ReferenceAllegro(AllegroPotential):
     """Allegro in plain e3nn; see the module docstring for the equations."""
 
-    def __init__(self, config: AllegroConfig) -> None:
-        with float64_construction() as default_dtype:
-            self._build(config)
-            self.remember_exact_constants()
-        self.to(default_dtype)
-
-    def _build(self, config: AllegroConfig) -> None:
-        super().__init__(config)
+    def build(self, config: AllegroConfig) -> None:
         n, width = config.num_tensor_features, config.num_scalar_features
-        frequencies = initial_bessel_frequencies(config.num_bessels)
-        if config.bessel_trainable:
-            self.bessel_frequencies = nn.Parameter(frequencies)
-        else:
-            self.register_buffer("bessel_frequencies", frequencies)
         sh_irreps = spherical_harmonic_irreps(config.l_max, config.parity)
         self.spherical_harmonics = o3.SphericalHarmonics(
             irreps_string(sh_irreps, 1), normalize=True, normalization="component"
