@@ -19,7 +19,7 @@ from .config import AllegroConfig
 from .graph import AtomicGraph
 from .potential import AllegroPotential
 from .radial import bessel_basis, polynomial_envelope
-from .tensor_product import LayerTensorProduct, describe_layers, spherical_harmonic_irreps
+from .tensor_product import LayerTensorProduct, describe_layers
 from .torch_ops import ChannelMixing, CompactTensorProduct, RankOneTensorProduct, ScalarPathsProduct
 
 BACKENDS = ("torch", "triton")

@@ -8,7 +8,7 @@ import torch
 import allegro_fast as af
 from allegro_fast.testing import TOLERANCE, assert_close, assert_equivariant
 
-from conftest import diamond, ethanol, lonely_and_pair, periodic_cho, randomize_edge_scale, small_config
+from conftest import ethanol, lonely_and_pair, periodic_cho, randomize_edge_scale, small_config
 
 CONFIGS = {
     "default": dict(),
