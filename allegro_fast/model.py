@@ -2,10 +2,12 @@
 
 backend="torch": pure PyTorch, CPU or CUDA. It computes exactly the reference's function with the same
 parameter names and shapes (state dicts move both ways), but only what reaches the energy:
-- the tensor product runs on the needed paths only, as one matmul per spherical-harmonic degree
-  (`torch_ops.CompactTensorProduct`), the last layer computing only the scalar paths;
+- the tensor product runs on the needed paths only (`torch_ops`): the first layer uses the rank-one
+  structure of V^0 = w (x) Y, the last layer computes only the scalar paths, middle layers use one
+  matmul per spherical-harmonic degree;
 - channel mixing keeps only the irreps the next layer uses;
-- the environment sum is one index_add over edges sorted by center.
+- the environment sum is one index_add over edges sorted by center (segment_reduce has no double
+  backward); after it, edges are processed in cache-sized chunks.
 backend="triton": the fused kernels (see `allegro_fast.kernels`).
 """
 
@@ -49,9 +51,7 @@ class ScalarMLP(nn.Module):
         else:
             parts = first.split([part.shape[1] for part in inputs])
             x = sum(part @ weight for part, weight in zip(inputs, parts))
-        for k in range(1, self.num_layers + 1):
-            if k == self.num_layers:
-                break
+        for k in range(1, self.num_layers):
             x = nn.functional.silu(x) * self.activation_scale
             weight = getattr(self, f"layer{k}").weight
             x = x @ (weight / weight.shape[0] ** 0.5)
@@ -179,7 +179,7 @@ class Allegro(AllegroPotential):
             environment = torch.zeros(graph.num_nodes, n, sh.shape[1], dtype=x.dtype, device=x.device)
             environment = environment.index_add(0, center, env_per_edge)
             x_chunks = x.split(sizes)
-            v_chunks = v.split(sizes) if v is not None else w0_chunks
+            v_chunks = v.split(sizes) if v is not None else None  # the first layer uses w0 and Y instead
             new_x, new_v = [], []
             for k in range(len(sizes)):
                 local_env = environment.index_select(0, center_chunks[k])
