@@ -96,7 +96,7 @@ def main() -> None:
 
     model.eval()
     test_graph = af.AtomicGraph.from_ase(test, r_max=config.r_max, dtype=torch.float32)
-    out = model(test_graph, compute_stress=False)
+    out = {key: value.detach() for key, value in model(test_graph, compute_stress=False).items()}
     energy, forces = labels(test)
     energy_mae = float(((out["energy"].double() - energy) / test_graph.num_atoms).abs().mean())
     force_mae = float((out["forces"].double() - forces).abs().mean())
