@@ -46,6 +46,14 @@ def irreps_string(irreps: tuple[Irrep, ...], multiplicity: int) -> str:
     return "+".join(f"{multiplicity}x{irrep_name(irrep)}" for irrep in irreps)
 
 
+def irrep_offsets(irreps: tuple[Irrep, ...], channels: int = 1) -> list[int]:
+    """Start of each irrep block (and the total size) for `channels` copies of each irrep."""
+    offsets = [0]
+    for l, _ in irreps:
+        offsets.append(offsets[-1] + channels * (2 * l + 1))
+    return offsets
+
+
 def spherical_harmonic_irreps(l_max: int, parity: bool) -> tuple[Irrep, ...]:
     return tuple((l, (-1) ** l if parity else 1) for l in range(l_max + 1))
 
@@ -121,14 +129,6 @@ class LayerTensorProduct:
         m1, m2, m_out = np.nonzero(np.abs(cg) > threshold)
         return m1, m2, m_out, cg[m1, m2, m_out]
 
-    # -- layout helpers (e3nn layout, see module docstring) --
-    @staticmethod
-    def _offsets(irreps: tuple[Irrep, ...], channels: int) -> list[int]:
-        offsets = [0]
-        for l, _ in irreps:
-            offsets.append(offsets[-1] + channels * (2 * l + 1))
-        return offsets
-
     @property
     def path_irreps(self) -> tuple[Irrep, ...]:
         return tuple(path.irrep_out for path in self.paths)
@@ -141,8 +141,8 @@ class LayerTensorProduct:
     def __call__(self, features1: np.ndarray, features2: np.ndarray) -> np.ndarray:
         """Numpy reference: (E, n*dim(in1)), (E, n*dim(in2)) -> (E, n*sum of path dims), all path blocks."""
         n = self.num_channels
-        offsets1 = self._offsets(self.irreps_in1, n)
-        offsets2 = self._offsets(self.irreps_in2, n)
+        offsets1 = irrep_offsets(self.irreps_in1, n)
+        offsets2 = irrep_offsets(self.irreps_in2, n)
         blocks = []
         for path in self.paths:
             v = features1[:, offsets1[path.in1]:offsets1[path.in1 + 1]].reshape(-1, n, 2 * path.l1 + 1)

@@ -30,14 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tensor_product import Irrep, LayerTensorProduct
-
-
-def irrep_offsets(irreps: tuple[Irrep, ...]) -> list[int]:
-    offsets = [0]
-    for l, _ in irreps:
-        offsets.append(offsets[-1] + 2 * l + 1)
-    return offsets
+from .tensor_product import Irrep, LayerTensorProduct, irrep_offsets
 
 
 class _GroupedPaths(nn.Module):

@@ -9,7 +9,8 @@ from e3nn import o3
 
 from allegro_fast.potential import float64_construction
 from allegro_fast.tensor_product import describe_layers, irreps_string
-from allegro_fast.torch_ops import CompactTensorProduct, irrep_offsets
+from allegro_fast.tensor_product import irrep_offsets
+from allegro_fast.torch_ops import CompactTensorProduct
 
 
 @pytest.mark.parametrize("l_max,parity,num_layers", [(1, True, 2), (2, True, 3), (3, True, 2), (2, False, 2), (3, False, 1)])
