@@ -8,8 +8,7 @@ import torch
 from e3nn import o3
 
 from allegro_fast.potential import float64_construction
-from allegro_fast.tensor_product import describe_layers, irreps_string
-from allegro_fast.tensor_product import irrep_offsets
+from allegro_fast.tensor_product import describe_layers, irrep_offsets, irreps_string
 from allegro_fast.torch_ops import CompactTensorProduct
 
 
