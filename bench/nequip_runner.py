@@ -8,6 +8,15 @@ initialised, so it must live in a separate subprocess.
 
 Prints exactly ONE JSON object on stdout; all logging goes to stderr.
 
+    /work/venv-nequip/bin/python bench/nequip_runner.py --jobs spec.json
+
+runs the jobs of allegro_fast's bench runner (`allegro-fast bench`, allegro_fast/bench_cli.py) in one
+process: the spec names the provider (nequip, nequip-triton = its Triton tensor-product kernel via the
+enable_TritonContracter modifier, nequip-cueq = enable_CuEquivarianceContracter), the jobs (structures
+as an extxyz file, model preset default / speed / rmd17, task, dtype) and the settings (device, warm-up,
+repeats, threads, seed); it prints one JSON list of rows with the same timing and memory conventions as
+bench_cli (CUDA events on CUDA).
+
 Model: the authors' default sizes, matching allegro_fast's "default" preset: r_max 5.0, l_max 2,
 parity on, 2 layers, 64 scalar / 16 tensor features, 8 Bessels (not trainable), polynomial p = 6,
 SiLU MLPs: two-body (scalar embed) MLP [64], allegro latent MLPs [64], readout [32];
@@ -113,7 +122,7 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], check=False, capture_output=True, text=True)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except OSError:
         return None
@@ -165,7 +174,7 @@ def atoms_to_nequip_data(frames, type_names, r_max):
     Positions/cell stay float64 (nequip's global dtype); the model casts to model_dtype internally.
     Several frames are batched with AtomicDataDict.batched_from_list (as nequip's data loader does).
     """
-    from nequip.data import AtomicDataDict, from_ase, compute_neighborlist_
+    from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
     from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
 
     mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=list(type_names))
@@ -183,8 +192,29 @@ def atoms_to_nequip_data(frames, type_names, r_max):
 # --------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------
-def model_kwargs(type_names, dtype, avg_num_neighbors, seed, shift=None, scale=None):
-    return dict(
+# The presets of allegro_fast.AllegroConfig in nequip-allegro's vocabulary. nequip's MLPs have one hidden
+# width, so the rMD17 model's two-body MLP [128, 256, 512] becomes 2 x 512 after a 128-wide embedding.
+MODEL_PRESETS = {
+    "default": {},
+    "speed": dict(r_max=4.0, l_max=1, num_layers=1, num_scalar_features=32, num_tensor_features=32,
+                  radial_chemical_embed_dim=32, scalar_embed_mlp_hidden_layers_width=32,
+                  allegro_mlp_hidden_layers_width=32, readout_mlp_hidden_layers_width=32),
+    "rmd17": dict(r_max=5.0, l_max=3, num_layers=3, num_scalar_features=1024, num_tensor_features=128,
+                  radial_chemical_embed_dim=128, scalar_embed_mlp_hidden_layers_depth=2,
+                  scalar_embed_mlp_hidden_layers_width=512, allegro_mlp_hidden_layers_depth=2,
+                  allegro_mlp_hidden_layers_width=1024, readout_mlp_hidden_layers_width=128),
+}
+
+# Providers of allegro_fast's bench runner -> nequip model modifiers (nequip-compile's --modifiers).
+PROVIDER_MODIFIERS = {
+    "nequip": [],
+    "nequip-triton": ["enable_TritonContracter"],  # inference on CUDA only
+    "nequip-cueq": ["enable_CuEquivarianceContracter"],  # needs cuequivariance_torch
+}
+
+
+def model_kwargs(type_names, dtype, avg_num_neighbors, seed, shift=None, scale=None, preset="default"):
+    kwargs = dict(
         seed=seed,
         model_dtype=dtype,
         type_names=list(type_names),
@@ -217,6 +247,8 @@ def model_kwargs(type_names, dtype, avg_num_neighbors, seed, shift=None, scale=N
         per_type_energy_scales_trainable=False,
         per_type_energy_shifts_trainable=False,
     )
+    kwargs.update(MODEL_PRESETS[preset])
+    return kwargs
 
 
 # --------------------------------------------------------------------------------------
@@ -263,9 +295,158 @@ def timed_loop(fn, warmup, repeats, mem):
 
 
 # --------------------------------------------------------------------------------------
+# --jobs: several jobs of allegro_fast's bench runner (allegro_fast/bench_cli.py) in one process
+# --------------------------------------------------------------------------------------
+def _labels(frames, seed):
+    """Energies (B,) and forces (N, 3): the frames' labels, else fixed random numbers (as bench_cli does)."""
+    rng = np.random.default_rng(seed)
+    energies, forces = [], []
+    for atoms in frames:
+        calc = atoms.calc
+        labelled = calc is not None and "energy" in calc.results and "forces" in calc.results
+        energies.append(float(calc.results["energy"]) if labelled else float(rng.normal()) * len(atoms))
+        forces.append(np.asarray(calc.results["forces"]) if labelled else rng.normal(size=(len(atoms), 3)))
+    return np.asarray(energies), np.concatenate(forces)
+
+
+def _timed(step, warmup, repeats, device):
+    """Warm-up, then timed calls: CUDA events on CUDA, perf_counter on the CPU; memory of the timed phase."""
+    import torch
+
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        step()
+    memory = {}
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        memory["rss_before_timed_mib"] = _proc_status_mib("VmRSS")
+        hwm_reset = _reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        memory["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        memory["peak_memory_method"] = "torch.cuda.max_memory_allocated during the timed calls"
+    else:
+        memory["peak_memory_mib"] = _proc_status_mib("VmHWM") if hwm_reset else None
+        memory["peak_memory_method"] = "peak resident set (VmHWM) during the timed calls, whole process"
+    return times, memory
+
+
+def run_one_job(provider, job, settings):
+    import allegro.model
+    import ase.io
+    import torch
+    from nequip.data import AtomicDataDict
+    from nequip.model.modify_utils import modify
+
+    device = torch.device(settings["device"])
+    if provider == "nequip-cueq":
+        import cuequivariance_torch  # noqa: F401  (ImportError -> the row says why)
+    frames = ase.io.read(job["frames_path"], index=":", format="extxyz")
+    preset = job.get("model", "default")
+    r_max = MODEL_PRESETS[preset].get("r_max", R_MAX)
+    data = atoms_to_nequip_data(frames, job["type_names"], r_max)
+    data = AtomicDataDict.to_(data, device)
+    num_atoms, num_edges = AtomicDataDict.num_nodes(data), AtomicDataDict.num_edges(data)
+    kwargs = model_kwargs(job["type_names"], job["dtype"], num_edges / num_atoms, settings["seed"], preset=preset)
+    model = allegro.model.AllegroModel(**kwargs)
+    modifiers = PROVIDER_MODIFIERS[provider]
+    if modifiers:
+        model = modify(model, [{"modifier": name} for name in modifiers])
+    model = model.to(device)
+    row = {"num_atoms": num_atoms, "num_edges": num_edges, "num_structures": len(frames), "r_max": r_max,
+           "num_parameters": sum(p.numel() for p in model.parameters()), "modifiers": modifiers,
+           "notes": ["nequip always computes the virial as well"]}
+    if preset != "default":
+        row["notes"].append("nequip has one hidden width per MLP: sizes approximate allegro_fast's preset "
+                            f"'{preset}' (see MODEL_PRESETS in bench/nequip_runner.py)")
+    if job["task"] == "inference":
+        model.eval()
+
+        def step():
+            return model(dict(data))[AtomicDataDict.FORCE_KEY]
+    else:
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        energies, forces = _labels(frames, settings["seed"])
+        e_ref = torch.as_tensor(energies, dtype=torch.float64, device=device)
+        f_ref = torch.as_tensor(forces, dtype=torch.float64, device=device)
+        natoms = torch.as_tensor([len(a) for a in frames], dtype=torch.float64, device=device)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            out = model(dict(data))
+            energy = out[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1)
+            loss = torch.mean(((energy - e_ref) / natoms) ** 2) + torch.mean((out[AtomicDataDict.FORCE_KEY] - f_ref) ** 2)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+    times, memory = _timed(step, settings["warmup"], settings["repeats"], device)
+    row.update(memory)
+    row["times_ms"] = times
+    return row
+
+
+def run_jobs(spec_path) -> int:
+    """Run the jobs of one spec file ({"provider", "jobs": [...], "settings": {...}}); print a JSON list."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    settings = spec["settings"]
+    torch.set_num_threads(settings["threads"])
+    import allegro
+    import nequip
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()  # float64 default dtype etc. (process-wide: why this runs in its own process)
+    torch.set_num_threads(settings["threads"])
+    rows = []
+    for job in spec["jobs"]:
+        row = {"provider": spec["provider"], **{k: job[k] for k in ("case", "model", "task", "dtype")}}
+        load_start = os.getloadavg()[0]
+        try:
+            row.update(run_one_job(spec["provider"], job, settings))
+        except Exception as exc:  # one failing job must not hide the others
+            traceback.print_exc(file=sys.stderr)
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row["error"] = f"{type(exc).__name__}: {message}"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        row["loadavg_1min"] = [load_start, os.getloadavg()[0]]
+        row["ru_maxrss_mib"] = ru_maxrss_mib()
+        row["versions"] = {"nequip": nequip.__version__, "allegro": allegro.__version__, "torch": torch.__version__}
+        rows.append(row)
+    print(json.dumps(rows))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--jobs"] and len(argv) == 2:
+        return run_jobs(argv[1])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", required=True, choices=sorted(CASE_TYPE_NAMES))
     p.add_argument("--task", required=True, choices=["inference", "train"])
@@ -293,11 +474,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    import allegro
     import e3nn
     import nequip
-    import allegro
-    from nequip.utils.global_state import set_global_state
     from nequip.data import AtomicDataDict
+    from nequip.utils.global_state import set_global_state
 
     set_global_state()  # float64 default dtype, e3nn optimisation flags, seeds (process-wide!)
     torch.set_num_threads(args.threads)
@@ -376,10 +557,14 @@ def main(argv=None) -> int:
     if args.task == "inference":
         model.eval()
         if compile_path == "aotinductor":
-            from nequip.utils.aot import aot_export_model
-            from nequip.scripts._compile_utils import COMPILE_TARGET_DICT
             from nequip.model.inference_models.aotinductor import load_aotinductor_model
-            from nequip.utils.aoti_metadata import NEQUIP_AOTI_INPUTS_KEY, NEQUIP_AOTI_OUTPUTS_KEY, serialize_aoti_keys
+            from nequip.scripts._compile_utils import COMPILE_TARGET_DICT
+            from nequip.utils.aot import aot_export_model
+            from nequip.utils.aoti_metadata import (
+                NEQUIP_AOTI_INPUTS_KEY,
+                NEQUIP_AOTI_OUTPUTS_KEY,
+                serialize_aoti_keys,
+            )
 
             target = "ase" if num_frames == 1 else "batch"
             tdict = COMPILE_TARGET_DICT[target]
