@@ -1,33 +1,157 @@
-"""ASE calculator for any Allegro model (the torch backend, the reference, or a loaded model)."""
+"""ASE calculator for any Allegro model (the torch backend, the reference, or a loaded model).
+
+Neighbour list with a Verlet skin
+---------------------------------
+A fresh neighbour list (``AtomicGraph.from_ase``) costs a cell-list search every call. During MD atoms
+move little per step, so the calculator keeps a list of *candidate* pairs found once with the larger
+cutoff r_max + skin, and on every call keeps those candidates whose current distance is below r_max:
+
+    |r_ij(now)| <= |r_ij(build)| + |Δr_i| + |Δr_j|,
+
+so while no atom has moved more than skin / 2 from where it was at the build, every pair now closer than
+r_max was closer than r_max + skin at the build and is among the candidates. The filter recomputes the
+distances from the positions as given with the same float64 formula as ``graph.py`` and keeps the
+candidates' (i, j, S) order, which is the order of a fresh list; so the model sees exactly the edges of a
+fresh list, in the same order, and the results agree with ``skin=0`` to the last bit (up to the order in
+which the torch kernels happen to sum).
+
+The candidates are rebuilt when an atom has moved more than skin / 2 (minus a round-off margin), when
+the cell, pbc, atomic numbers or number of atoms change, or when the filter finds two coinciding atoms
+(the rebuild then raises graph.py's error naming them). ``skin=0`` builds a fresh list on every call.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import AtomicGraph
+from .graph import DUPLICATE_DISTANCE, AtomicGraph, _times_3x3
 from .potential import AllegroPotential
+
+__all__ = ["AllegroCalculator"]
+
+# Relative margin on the skin / 2 displacement test, so that round-off in the distances can never let a
+# pair at exactly the cutoff slip through.
+_SKIN_ROUNDOFF_MARGIN = 1e-9
+
+
+class _CandidateList:
+    """Candidate pairs (i, j, S) within r_max + skin of one structure, and the state they were built from."""
+
+    def __init__(self, atoms, search_cutoff: float, type_names) -> None:
+        graph = AtomicGraph.from_ase(atoms, r_max=search_cutoff, type_names=type_names)
+        self.positions = np.array(atoms.get_positions(), dtype=np.float64)
+        self.cell = np.array(atoms.cell.array, dtype=np.float64)
+        self.pbc = np.array(atoms.pbc, dtype=bool)
+        self.numbers = np.array(atoms.numbers, dtype=np.int64)
+        self.centers, self.neighbours = graph.edge_index.numpy()
+        self.shifts = graph.edge_shift.numpy()
+
+    def still_valid(self, atoms, max_displacement: float) -> bool:
+        if len(atoms) != len(self.numbers):
+            return False
+        if not (np.array_equal(atoms.numbers, self.numbers) and np.array_equal(atoms.pbc, self.pbc)):
+            return False
+        if not np.array_equal(atoms.cell.array, self.cell):
+            return False
+        displacement = atoms.get_positions() - self.positions
+        return float(np.einsum("ac,ac->a", displacement, displacement).max(initial=0.0)) <= max_displacement**2
+
+    def edges_within(self, positions: np.ndarray, r_max: float):
+        """(centers, neighbours, shifts) of the candidates closer than r_max, in (i, j, S) order, and
+        whether two atoms coincide (closer than DUPLICATE_DISTANCE)."""
+        vectors = (
+            np.take(positions, self.neighbours, axis=0)
+            - np.take(positions, self.centers, axis=0)
+            + _times_3x3(self.shifts, self.cell)
+        )
+        distances = np.sqrt(np.einsum("ec,ec->e", vectors, vectors))  # as graph.py computes them
+        kept = np.flatnonzero(distances < r_max)
+        coinciding = bool(len(distances)) and float(distances.min()) < DUPLICATE_DISTANCE
+        return self.centers[kept], self.neighbours[kept], self.shifts[kept], coinciding
+
+
+def graph_from_edges(positions, atomic_numbers, cell, pbc, centers, neighbours, shifts, r_max: float) -> AtomicGraph:
+    """One-structure AtomicGraph from a precomputed edge list (numpy arrays, edges sorted by center).
+
+    Nothing is checked here: the edges must follow graph.py's conventions (directed, (i, j, S) order).
+    """
+    num_atoms = positions.shape[0]
+    edges_per_center = np.bincount(centers, minlength=num_atoms)
+    center_ptr = np.concatenate([[0], np.cumsum(edges_per_center)]).astype(np.int64)
+    return AtomicGraph(
+        positions=torch.as_tensor(positions, dtype=torch.float64),
+        atomic_numbers=torch.as_tensor(atomic_numbers, dtype=torch.int64),
+        edge_index=torch.as_tensor(np.stack([centers, neighbours]), dtype=torch.int64),
+        edge_shift=torch.as_tensor(shifts, dtype=torch.int64),
+        cell=torch.as_tensor(cell, dtype=torch.float64).reshape(1, 3, 3),
+        pbc=torch.as_tensor(pbc, dtype=torch.bool).reshape(1, 3),
+        batch=torch.zeros(num_atoms, dtype=torch.int64),
+        num_atoms=torch.tensor([num_atoms], dtype=torch.int64),
+        center_ptr=torch.as_tensor(center_ptr),
+        r_max=float(r_max),
+    )
 
 
 class AllegroCalculator(Calculator):
-    """energy, free_energy, forces and (for periodic cells) stress in ASE units (eV, eV/Å, eV/Å^3).
+    """energy, free_energy, forces and (for fully periodic cells) stress in ASE units (eV, eV/Å, eV/Å^3).
 
-    The neighbour list is rebuilt on every call, so results are always exact; reusing it between MD
-    steps with a skin is future work.
+    ``skin`` (Å, default 1.0): the neighbour list is searched with r_max + skin and reused between calls
+    while it is exact (see the module docstring); 0 rebuilds it on every call. ``neighbor_list_builds``
+    counts the searches and ``neighbor_list_reuses`` the calls that reused one.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model: AllegroPotential, device: str | torch.device | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        model: AllegroPotential,
+        device: str | torch.device | None = None,
+        skin: float = 1.0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
+        skin = float(skin)
+        if not (np.isfinite(skin) and skin >= 0.0):
+            raise ValueError(f"AllegroCalculator: skin must be a finite number >= 0 Å, got {skin!r}")
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
+        self.skin = skin
+        self.r_max = float(model.config.r_max)
+        self.neighbor_list_builds = 0
+        self.neighbor_list_reuses = 0
+        self._candidates: _CandidateList | None = None
+
+    def _graph(self, atoms) -> AtomicGraph:
+        type_names = self.model.config.type_names
+        if self.skin == 0.0:
+            self.neighbor_list_builds += 1
+            return AtomicGraph.from_ase(atoms, r_max=self.r_max, type_names=type_names)
+        max_displacement = 0.5 * self.skin - _SKIN_ROUNDOFF_MARGIN * (self.r_max + self.skin)
+        candidates = self._candidates
+        if candidates is not None and candidates.still_valid(atoms, max_displacement):
+            self.neighbor_list_reuses += 1
+        else:
+            self._candidates = None  # a failed build must not leave a stale list behind
+            candidates = _CandidateList(atoms, self.r_max + self.skin, type_names)
+            self._candidates = candidates
+            self.neighbor_list_builds += 1
+        positions = np.array(atoms.get_positions(), dtype=np.float64)
+        centers, neighbours, shifts, coinciding = candidates.edges_within(positions, self.r_max)
+        if coinciding:
+            self._candidates = None
+            return AtomicGraph.from_ase(atoms, r_max=self.r_max, type_names=type_names)  # raises, naming the atoms
+        return graph_from_edges(
+            positions, candidates.numbers, candidates.cell, candidates.pbc, centers, neighbours, shifts, self.r_max
+        )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        graph = AtomicGraph.from_ase(self.atoms, r_max=self.model.config.r_max).to(device=self.device)
+        graph = self._graph(self.atoms).to(device=self.device)
         want_stress = "stress" in properties and bool(self.atoms.pbc.all())
         out = self.model(graph, compute_forces=True, compute_stress=want_stress, create_graph=False)
         energy = float(out["energy"].detach()[0])

@@ -1,0 +1,135 @@
+"""AllegroCalculator: the neighbour list reused with a Verlet skin gives exactly the results of a fresh one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.md.verlet import VelocityVerlet
+from conftest import ethanol, periodic_cho, small_config
+
+import allegro_fast as af
+from allegro_fast.calculator import AllegroCalculator
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return af.Allegro(small_config()).to(torch.float64)
+
+
+def assert_same_graph(calculator: AllegroCalculator, atoms: Atoms) -> None:
+    """The graph the calculator hands the model has exactly the edges, in order, of a fresh list."""
+    graph = calculator._graph(atoms)
+    fresh = af.AtomicGraph.from_ase(atoms, r_max=calculator.r_max)
+    assert torch.equal(graph.edge_index, fresh.edge_index)
+    assert torch.equal(graph.edge_shift, fresh.edge_shift)
+    assert torch.equal(graph.center_ptr, fresh.center_ptr)
+    for field in ("positions", "atomic_numbers", "cell", "pbc", "batch", "num_atoms"):
+        assert torch.equal(getattr(graph, field), getattr(fresh, field)), field
+
+
+def assert_same_results(with_skin: Atoms, without_skin: Atoms) -> None:
+    np.testing.assert_allclose(with_skin.get_potential_energy(), without_skin.get_potential_energy(), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(with_skin.get_forces(), without_skin.get_forces(), rtol=1e-12, atol=1e-13)
+    if with_skin.pbc.all():
+        np.testing.assert_allclose(with_skin.get_stress(), without_skin.get_stress(), rtol=1e-12, atol=1e-13)
+
+
+def test_skin_follows_an_md_trajectory_exactly(model):
+    atoms = periodic_cho(4)
+    atoms.calc = AllegroCalculator(model, skin=0.3)  # small skin: several rebuilds within the run
+    plain = AllegroCalculator(model, skin=0.0)
+    rng = np.random.default_rng(0)
+    atoms.set_velocities(rng.normal(scale=0.02, size=(len(atoms), 3)))
+    # the untrained model heats the cell to thousands of K: a short time step, about one rebuild per 5 steps
+    dynamics = VelocityVerlet(atoms, 0.25 * units.fs)
+    for _ in range(12):
+        dynamics.run(5)
+        assert_same_graph(atoms.calc, atoms)
+        copy = atoms.copy()
+        copy.calc = plain
+        assert_same_results(atoms, copy)
+    assert atoms.calc.neighbor_list_builds >= 2, "the test should cross at least one rebuild"
+    assert atoms.calc.neighbor_list_reuses > atoms.calc.neighbor_list_builds
+
+
+@pytest.mark.parametrize("make_atoms", [periodic_cho, ethanol], ids=["periodic", "molecule"])
+def test_skin_under_random_displacements(model, make_atoms):
+    atoms = make_atoms(5)
+    skin = 0.6
+    calculator = AllegroCalculator(model, skin=skin)
+    rng = np.random.default_rng(1)
+    start = atoms.get_positions()
+    calculator._graph(atoms)
+    for scale in (0.01, 0.05, 0.1, 0.25, 0.5, 1.5, 0.02):
+        builds = calculator.neighbor_list_builds
+        atoms.positions = start + rng.normal(scale=scale, size=start.shape)
+        assert_same_graph(calculator, atoms)
+        moved = np.linalg.norm(atoms.positions - calculator._candidates.positions, axis=1).max()
+        if calculator.neighbor_list_builds == builds:
+            assert moved <= skin / 2  # reused only while it is exact
+        atoms.calc = calculator
+        copy = atoms.copy()
+        copy.calc = AllegroCalculator(model, skin=0.0)
+        assert_same_results(atoms, copy)
+        start = atoms.get_positions()
+    assert calculator.neighbor_list_builds >= 2
+
+
+def test_rebuilds_when_the_structure_changes(model):
+    atoms = periodic_cho(6)
+    calculator = AllegroCalculator(model, skin=1.0)
+
+    def check(changed: Atoms, expect_rebuild: bool) -> None:
+        builds = calculator.neighbor_list_builds
+        assert_same_graph(calculator, changed)
+        assert calculator.neighbor_list_builds == builds + int(expect_rebuild)
+        changed = changed.copy()
+        changed.calc = calculator
+        reference = changed.copy()
+        reference.calc = AllegroCalculator(model, skin=0.0)
+        assert_same_results(changed, reference)
+
+    check(atoms, True)
+    check(atoms, False)
+    strained = atoms.copy()
+    strained.set_cell(atoms.cell.array @ np.array([[1.02, 0.01, 0], [0, 0.99, 0], [0, 0, 1.0]]), scale_atoms=True)
+    check(strained, True)
+    same_cell_new_positions = strained.copy()
+    same_cell_new_positions.positions += 0.01
+    check(same_cell_new_positions, False)
+    wrapped = same_cell_new_positions.copy()
+    wrapped.positions[2] += wrapped.cell[0]  # the same structure, one atom moved by a lattice vector
+    check(wrapped, True)
+    fewer = wrapped.copy()
+    del fewer[3]
+    check(fewer, True)
+    more = wrapped.copy()
+    more.append("H")
+    more.positions[-1] = more.positions[0] + [0.0, 0.0, 1.05]
+    check(more, True)
+    swapped = more.copy()
+    swapped.numbers[[0, 2]] = swapped.numbers[[2, 0]]
+    check(swapped, True)
+    slab = swapped.copy()
+    slab.pbc = [True, True, False]
+    check(slab, True)
+
+
+def test_coinciding_atoms_are_an_error_even_when_the_list_is_reused(model):
+    atoms = periodic_cho(7)
+    calculator = AllegroCalculator(model, skin=12.0)
+    calculator._graph(atoms)
+    bad = atoms.copy()
+    bad.positions[1] = bad.positions[0] + 1e-8
+    assert np.linalg.norm(bad.positions[1] - atoms.positions[1]) < 6.0  # within skin / 2: the list is valid
+    with pytest.raises(ValueError, match="atoms 0 and 1 are at the same place"):
+        calculator._graph(bad)
+
+
+def test_bad_skin_is_an_error(model):
+    for skin in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="skin must be a finite number"):
+            AllegroCalculator(model, skin=skin)
