@@ -62,13 +62,24 @@ class OpCase:
         return self.fn(*self.inputs)
 
 
-def triton_ops():
-    """allegro_fast.kernels if it exposes the Triton ops, else None."""
+def triton_ops() -> dict:
+    """The Triton ops that allegro_fast.kernels exposes now, by the op they implement.
+
+    layer: kernels.tensor_product.environment_tensor_product (fused environment sum + channel-wise product;
+    the latent MLP and channel mixing stay torch) or a later kernels.fused_layer; edge_geometry:
+    kernels.edge_geometry once it exists.
+    """
+    found = {}
     try:
         from allegro_fast import kernels
+        from allegro_fast.kernels import tensor_product
     except ImportError:
-        return None
-    return kernels if hasattr(kernels, "fused_layer") or hasattr(kernels, "edge_geometry") else None
+        return found
+    if hasattr(tensor_product, "environment_tensor_product"):
+        found["layer"] = tensor_product
+    if hasattr(kernels, "edge_geometry"):
+        found["edge_geometry"] = kernels
+    return found
 
 
 def interpreter_active() -> bool:
@@ -81,14 +92,10 @@ def provider_unavailable(provider: str, op: str, device: torch.device) -> str | 
         return None
     if provider != "triton":
         return f"unknown provider {provider}"
-    kernels = triton_ops()
-    if kernels is None:
-        return "allegro_fast.kernels exposes no Triton ops yet (edge_geometry / fused_layer)"
-    name = {"edge_geometry": "edge_geometry", "layer": "fused_layer", "readout": None}[op]
-    if name is None:
+    if op == "readout":
         return "the readout is plain torch in every backend (no Triton op)"
-    if not hasattr(kernels, name):
-        return f"allegro_fast.kernels has no {name}"
+    if op not in triton_ops():
+        return f"allegro_fast.kernels has no Triton op for {op} yet"
     if device.type != "cuda" and not interpreter_active():
         return "Triton needs CUDA (or TRITON_INTERPRET=1 for tiny correctness-only sizes)"
     return None
@@ -157,7 +164,7 @@ def _edge_geometry(provider, model, config, vectors, common) -> OpCase:
     frequencies = model.bessel_frequencies
 
     if provider == "triton":
-        kernels = triton_ops()
+        kernels = triton_ops()["edge_geometry"]
 
         def fn(edge_vectors):
             # HOOK: the lead's Triton edge-geometry op. Expected to return (bessel, envelope, harmonics);
@@ -226,7 +233,7 @@ def _layer(provider, model, config, position, center, num_nodes, vectors, rand, 
         in_dim = sum(2 * l + 1 for l, _ in model.input_irreps[index])
         features = _leaf(rand(num_edges, n, in_dim))
     if provider == "triton":
-        fn = _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes)
+        fn = _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, index)
     else:
         fn = _torch_layer_fn(model, layer, config, sh, envelope, center, num_nodes)
     return OpCase(inputs=(x, features), parameters=parameters, fn=fn, **common)
@@ -280,26 +287,35 @@ def _reference_layer_fn(model, layer, config, sh, envelope, center, num_nodes):
     return fn
 
 
-def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes):
-    """HOOK: the lead's fused Triton layer (`allegro_fast.kernels.fused_layer`).
+def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, index):
+    """The torch layer with its environment sum and tensor product replaced by the fused Triton op
+    `kernels.tensor_product.environment_tensor_product` (A stays in registers; T is written once). The
+    first layer's V^0 = w^0 (x) Y is materialised for it (the torch backend keeps it factored).
 
-    Expected: the environment sum, the tensor product and channel mixing in one op over edges sorted by
-    center (CSR pointers), returning the scalar paths (E, S n) and V^L; the latent MLP stays in torch.
-    Adapt the call below once the op's signature is fixed.
+    HOOK: when the lead's `kernels.fused_layer` (with channel mixing) lands, call it here instead.
     """
-    kernels = triton_ops()
+    kernels = triton_ops()["layer"]
     n = config.num_tensor_features
     norm = config.avg_num_neighbors ** -0.5
+    description = layer.tensor_product.description
+    input_irreps = description.irreps_in1 if layer.is_first else model.input_irreps[index]
+    environment_key = kernels.register_form(kernels.environment_form(config.l_max))
+    product_key = kernels.register_form(kernels.tensor_product_form(
+        description, input_irreps, layer.tensor_product.path_columns, layer.tensor_product.output_dim))
     center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=center.device))
 
     def fn(x, features):
         num_edges = x.shape[0]
         weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
-        mixing = layer.mixing.weight if layer.mixing is not None else None
-        scalars, new_v = kernels.fused_layer(features, weights, sh, center, center_ptr, mixing, layer)
-        update = layer.latent_mlp(x, scalars) * envelope
+        if layer.is_first:  # (E, l_max+1, n) w^0 -> (E, n, (l_max+1)^2) V^0
+            features = features.index_select(1, model.sh_degree).transpose(1, 2) * sh.unsqueeze(1)
+        paths, _ = kernels.environment_tensor_product(environment_key, product_key, weights, sh, features, center_ptr)
+        blocks = layer.tensor_product.split(paths)
+        update = layer.latent_mlp(x, layer.tensor_product.scalars(blocks)) * envelope
         new_x = config.residual_old_weight * x + config.residual_new_weight * update
-        return (new_x,) if new_v is None else (new_x, new_v)
+        if layer.mixing is None:
+            return (new_x,)
+        return new_x, layer.channel_mixing(blocks, layer.mixing.weight)
 
     return fn
 
