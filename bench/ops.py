@@ -71,8 +71,9 @@ def triton_ops() -> dict:
     """
     found = {}
     try:
-        from allegro_fast import kernels
         from allegro_fast.kernels import tensor_product
+
+        from allegro_fast import kernels
     except ImportError:
         return found
     if hasattr(tensor_product, "environment_tensor_product"):

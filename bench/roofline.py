@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ops  # noqa: E402  (bench/ops.py)
+import ops  # bench/ops.py
 
-from allegro_fast.tensor_product import irrep_offsets  # noqa: E402
+from allegro_fast.tensor_product import irrep_offsets
 
 
 def layer_work(model, index: int, num_edges: int, num_nodes: int, itemsize: int) -> dict:
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                 try:
                     case = ops.make_op("layer", provider, num_edges=edges, channels=args.channels, l_max=args.l_max,
                                        dtype=dtype, device=device, position=position)
-                    times = time_ms(lambda: case(), device, warmup=2, repeats=repeats)
+                    times = time_ms(case, device, warmup=2, repeats=repeats)
                 except Exception as error:  # out of memory, a kernel failing to compile: recorded, not fatal
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                     result["measured"].append(row)
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                       f"whole-layer roofline fraction {bounds['whole_layer']['achieved_fraction']:.3f} "
                       f"({bounds['whole_layer']['limited_by']}-bound)  "
                       f"{bounds['whole_layer']['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
-                del case
+                case = None  # free device memory before the next provider
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; " + "; ".join(
