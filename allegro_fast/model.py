@@ -114,9 +114,11 @@ class Allegro(AllegroPotential):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}'; choose one of {list(BACKENDS)}")
         if backend == "triton":
-            raise NotImplementedError(
-                "backend 'triton' is not available in this version yet; use backend='torch' (CPU and CUDA)"
-            )
+            import importlib.util
+
+            if importlib.util.find_spec("triton") is None:
+                raise RuntimeError("backend 'triton' needs the triton package (pip install triton, Linux); "
+                                   "use backend='torch' on machines without it")
         super().__init__(config)
         self.backend = backend
 
@@ -151,6 +153,11 @@ class Allegro(AllegroPotential):
         return [base + 1] * extra + [base] * (count - extra)
 
     def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        if self.backend == "triton":
+            return self._triton_edge_energies(edge_vectors, species, graph)
+        return self._torch_edge_energies(edge_vectors, species, graph)
+
+    def _torch_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         config = self.config
         n = config.num_tensor_features
         num_edges = edge_vectors.shape[0]
@@ -196,4 +203,57 @@ class Allegro(AllegroPotential):
             x = torch.cat(new_x) if len(new_x) > 1 else new_x[0]
             if layer.mixing is not None:
                 v = torch.cat(new_v) if len(new_v) > 1 else new_v[0]
+        return self.readout_mlp(x).squeeze(-1)
+
+    def _triton_forms(self) -> list[tuple[str, str]]:
+        """Register the layers' trilinear forms with the kernels (once per model): (environment, product) keys."""
+        if getattr(self, "_form_keys", None) is None:
+            from .kernels import tensor_product as kernels
+
+            environment_key = kernels.register_form(kernels.environment_form(self.config.l_max))
+            descriptions = describe_layers(self.config.num_layers, self.config.l_max, self.config.parity,
+                                           self.config.num_tensor_features)
+            keys = []
+            for description, irreps, layer in zip(descriptions, self.input_irreps, self.layers):
+                product = layer.tensor_product
+                form = kernels.tensor_product_form(description, irreps, product.path_columns, product.output_dim)
+                keys.append((environment_key, kernels.register_form(form)))
+            first_columns = [l * l + m for l, _ in self.input_irreps[0] for m in range(2 * l + 1)]
+            self._first_harmonic_columns = torch.tensor(first_columns)
+            self._first_degrees = torch.tensor([l for l, _ in self.input_irreps[0] for _ in range(2 * l + 1)])
+            self._form_keys = keys
+        return self._form_keys
+
+    def _triton_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """The same function through the fused kernels: per layer one environment + tensor-product op."""
+        from .kernels.edge_geometry import edge_geometry
+        from .kernels.tensor_product import environment_tensor_product
+
+        config = self.config
+        n = config.num_tensor_features
+        num_edges = edge_vectors.shape[0]
+        form_keys = self._triton_forms()
+        center, neighbor = graph.edge_index
+        radial, envelope, sh = edge_geometry(edge_vectors, self.bessel_frequencies, config.r_max,
+                                             config.polynomial_p, config.l_max)
+        envelope = envelope.unsqueeze(-1)
+        onehot = nn.functional.one_hot(species, config.num_types).to(edge_vectors.dtype)
+        x = self.two_body_mlp(torch.cat([onehot[center], onehot[neighbor], radial], dim=1)) * envelope
+
+        # V^{ij,0}_{c,(l,m)} = w_{c,l} Y_{l,m}, in the columns the first layer reads.
+        device = edge_vectors.device
+        w0 = self.two_body_env_linear(x).view(num_edges, config.l_max + 1, n)
+        v = (w0.index_select(1, self._first_degrees.to(device)).transpose(1, 2)
+             * sh.index_select(1, self._first_harmonic_columns.to(device)).unsqueeze(1))
+        norm = config.avg_num_neighbors**-0.5
+        for layer, (environment_key, product_key) in zip(self.layers, form_keys):
+            weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
+            product, _ = environment_tensor_product(environment_key, product_key, weights, sh, v.contiguous(),
+                                                    graph.center_ptr)
+            blocks = layer.tensor_product.split(product)
+            scalars = layer.tensor_product.scalars(blocks)
+            update = layer.latent_mlp(x, scalars) * envelope
+            x = config.residual_old_weight * x + config.residual_new_weight * update
+            if layer.mixing is not None:
+                v = layer.channel_mixing(blocks, layer.mixing.weight)
         return self.readout_mlp(x).squeeze(-1)

@@ -1,0 +1,335 @@
+"""Edge geometry of Allegro in one Triton kernel: lengths, Bessel basis, polynomial envelope, spherical harmonics.
+
+Math (DESIGN section 1, items 1 and 2), for every edge vector v (E, 3), r = |v|, u = v / r, s = r / r_c:
+
+    bessel   (E, N_b)        B_b = sqrt(2 / r_c) sin(w_b s) / r          w_b the (maybe trainable) frequencies
+    envelope (E,)            1 - (p+1)(p+2)/2 s^p + p(p+2) s^(p+1) - p(p+1)/2 s^(p+2) for s < 1, else 0
+    harmonics (E, (l+1)^2)   e3nn's component-normalised real spherical harmonics Y_lm(u), l = 0..l_max
+
+Y_l is a homogeneous polynomial of degree l in u. Its monomial coefficients are not typed in: `harmonic_polynomials`
+fits them to e3nn's own `spherical_harmonics` (an exact linear solve in float64: degree-l monomials are linearly
+independent on the sphere), and the kernels are generated from them, derivatives included.
+
+Backward (a second generated kernel, one program per block of edges, no reductions): the gradient with respect
+to v, g_v = g_r u + (g_u - (g_u . u) u) / r with g_r from the Bessel and envelope cotangents and g_u from the
+harmonics cotangent, and, for trainable frequencies, the per-edge gradient that is summed over edges in torch.
+Double backward (force training differentiates forces, i.e. this backward, once more) recomputes these elementwise
+functions with torch autograd from `edge_geometry_ref`: cheap per-edge work next to the layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ._common import ensure_triton_device, nvtx_range
+from .tensor_product import _load_generated
+
+
+def edge_geometry_ref(vectors: torch.Tensor, frequencies: torch.Tensor, r_max: float, p: int, l_max: int):
+    """Plain-torch reference: (bessel (E, N_b), envelope (E,), harmonics (E, (l_max+1)^2))."""
+    from e3nn.o3 import spherical_harmonics
+
+    from allegro_fast.radial import bessel_basis, polynomial_envelope
+
+    lengths = torch.linalg.norm(vectors, dim=1)
+    harmonics = spherical_harmonics(list(range(l_max + 1)), vectors, normalize=True, normalization="component")
+    return bessel_basis(lengths, frequencies, r_max), polynomial_envelope(lengths, r_max, p), harmonics
+
+
+def _monomials(degree: int) -> list[tuple[int, int, int]]:
+    return [(a, b, degree - a - b) for a in range(degree, -1, -1) for b in range(degree - a, -1, -1)]
+
+
+@lru_cache(maxsize=None)
+def harmonic_polynomials(l_max: int) -> tuple[tuple[tuple[tuple[int, int, int], float], ...], ...]:
+    """Per spherical-harmonic column (l, m), its monomials x^a y^b z^c of the unit vector with coefficients."""
+    from e3nn.o3 import spherical_harmonics
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(64, 3))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    columns = []
+    for l in range(l_max + 1):
+        values = spherical_harmonics(l, torch.as_tensor(points), normalize=True, normalization="component").numpy()
+        monomials = _monomials(l)
+        design = np.stack([points[:, 0] ** a * points[:, 1] ** b * points[:, 2] ** c for a, b, c in monomials], 1)
+        coefficients, *_ = np.linalg.lstsq(design, values, rcond=None)
+        assert np.abs(design @ coefficients - values).max() < 1e-12, "spherical-harmonic fit failed"
+        for m in range(2 * l + 1):
+            columns.append(tuple((mono, float(c)) for mono, c in zip(monomials, coefficients[:, m]) if abs(c) > 1e-12))
+    return tuple(columns)
+
+
+def _envelope_coefficients(p: int) -> tuple[float, float, float]:
+    return (p + 1.0) * (p + 2.0) / 2.0, p * (p + 2.0), p * (p + 1.0) / 2.0
+
+
+class _Source:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.constants: dict[float, str] = {}
+
+    def emit(self, text: str) -> None:
+        self.lines.append("    " + text)
+
+    def constant(self, value: float) -> str:
+        if value not in self.constants:
+            self.constants[value] = f"k{len(self.constants)}"
+        return self.constants[value]
+
+    def function(self, name: str, arguments: str, constants_at: int) -> str:
+        constant_lines = [f"    {name_} = tl.full((), {value!r}, DTYPE)" for value, name_ in self.constants.items()]
+        body = self.lines[:constants_at] + constant_lines + self.lines[constants_at:]
+        return f"@triton.jit\ndef {name}({arguments}):\n" + "\n".join(body) + "\n"
+
+
+def _power(source: _Source, base: str, exponent: int, cache: dict) -> str:
+    """Variable holding base**exponent (exponent >= 1), built from cached lower powers."""
+    if exponent == 1:
+        return base
+    if (base, exponent) not in cache:
+        half = _power(source, base, exponent // 2, cache)
+        variable = f"{base}_pow{exponent}"
+        if exponent % 2:
+            source.emit(f"{variable} = {half} * {half} * {base}")
+        else:
+            source.emit(f"{variable} = {half} * {half}")
+        cache[(base, exponent)] = variable
+    return cache[(base, exponent)]
+
+
+def _monomial(source: _Source, powers: tuple[int, int, int], cache: dict) -> str | None:
+    factors = [_power(source, axis, k, cache) for axis, k in zip(("ux", "uy", "uz"), powers) if k > 0]
+    return " * ".join(factors) if factors else None
+
+
+def _polynomial(source: _Source, terms, cache: dict) -> str:
+    parts = []
+    for powers, coefficient in terms:
+        monomial = _monomial(source, powers, cache)
+        constant = source.constant(coefficient)
+        parts.append(f"{constant} * {monomial}" if monomial else f"{constant} + zero")
+    return " + ".join(parts) if parts else "zero"
+
+
+_PREAMBLE = [
+    "pid = tl.program_id(0).to(tl.int64)",
+    "edges = pid * BLOCK_E + tl.arange(0, BLOCK_E)",
+    "mask = edges < num_edges",
+    "DTYPE = vectors_ptr.dtype.element_ty",
+]
+_GEOMETRY = [
+    "vx = tl.load(vectors_ptr + edges * 3 + 0, mask=mask, other=1.0)",
+    "vy = tl.load(vectors_ptr + edges * 3 + 1, mask=mask, other=0.0)",
+    "vz = tl.load(vectors_ptr + edges * 3 + 2, mask=mask, other=0.0)",
+    "r = tl.sqrt(vx * vx + vy * vy + vz * vz)",
+    "inv_r = 1.0 / r",
+    "ux = vx * inv_r",
+    "uy = vy * inv_r",
+    "uz = vz * inv_r",
+    "zero = tl.zeros((BLOCK_E,), dtype=DTYPE)",
+    "s = r * inv_r_max",
+    "basis = tl.arange(0, BLOCK_B)",
+    "basis_mask = basis < num_basis",
+    "frequencies = tl.load(frequencies_ptr + basis, mask=basis_mask, other=0.0)",
+    "argument = frequencies[None, :] * s[:, None]",
+    "tile_mask = mask[:, None] & basis_mask[None, :]",
+]
+
+
+def _generate(l_max: int, p: int, r_max: float, backward: bool) -> tuple[str, str]:
+    source = _Source()
+    for line in _PREAMBLE:
+        source.emit(line)
+    constants_at = len(source.lines)
+    source.emit(f"inv_r_max = {source.constant(1.0 / r_max)}")
+    source.emit(f"prefactor = {source.constant(math.sqrt(2.0 / r_max))}")
+    for line in _GEOMETRY:
+        source.emit(line)
+    a, b, c = _envelope_coefficients(p)
+    cache: dict = {}
+    s_p1 = _power(source, "s", p - 1, cache) if p > 1 else None
+    s_p = f"{s_p1} * s" if s_p1 else "s"
+    source.emit(f"s_p = {s_p}")
+    harmonics = harmonic_polynomials(l_max)
+    if not backward:
+        name = "edge_geometry_kernel"
+        arguments = ("vectors_ptr, frequencies_ptr, bessel_ptr, envelope_ptr, harmonics_ptr, num_edges, num_basis, "
+                     "BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr")
+        source.emit(f"envelope = 1.0 - {source.constant(a)} * s_p + {source.constant(b)} * s_p * s - "
+                    f"{source.constant(c)} * s_p * s * s")
+        source.emit("envelope = tl.where(s < 1.0, envelope, zero)")
+        source.emit("tl.store(envelope_ptr + edges, envelope, mask=mask)")
+        source.emit("bessel = prefactor * tl.sin(argument) * inv_r[:, None]")
+        source.emit("tl.store(bessel_ptr + edges[:, None] * num_basis + basis[None, :], bessel, mask=tile_mask)")
+        for column, terms in enumerate(harmonics):
+            source.emit(f"tl.store(harmonics_ptr + edges * {len(harmonics)} + {column}, "
+                        f"{_polynomial(source, terms, cache)}, mask=mask)")
+        return name, source.function(name, arguments, constants_at)
+
+    name = "edge_geometry_backward_kernel"
+    arguments = ("vectors_ptr, frequencies_ptr, grad_bessel_ptr, grad_envelope_ptr, grad_harmonics_ptr, "
+                 "grad_vectors_ptr, grad_frequencies_ptr, num_edges, num_basis, BLOCK_E: tl.constexpr, "
+                 "BLOCK_B: tl.constexpr, FREQUENCY_GRAD: tl.constexpr")
+    # d envelope / dr = (1/r_c) (-a p s^(p-1) + b (p+1) s^p - c (p+2) s^(p+1)) inside the cutoff
+    s_low = s_p1 if s_p1 else "1.0"
+    source.emit(f"d_envelope = inv_r_max * (-{source.constant(a * p)} * {s_low} + {source.constant(b * (p + 1))} "
+                f"* s_p - {source.constant(c * (p + 2))} * s_p * s)")
+    source.emit("d_envelope = tl.where(s < 1.0, d_envelope, zero)")
+    source.emit("grad_envelope = tl.load(grad_envelope_ptr + edges, mask=mask, other=0.0)")
+    source.emit("grad_bessel = tl.load(grad_bessel_ptr + edges[:, None] * num_basis + basis[None, :], "
+                "mask=tile_mask, other=0.0)")
+    source.emit("sine = tl.sin(argument)")
+    source.emit("cosine = tl.cos(argument)")
+    # dB/dr = sqrt(2/r_c) (w cos(w s) / (r_c r) - sin(w s) / r^2)
+    source.emit("d_bessel = prefactor * inv_r[:, None] * (frequencies[None, :] * inv_r_max * cosine - "
+                "sine * inv_r[:, None])")
+    source.emit("grad_r = tl.sum(grad_bessel * d_bessel, axis=1) + grad_envelope * d_envelope")
+    source.emit("if FREQUENCY_GRAD:")
+    source.emit("    d_frequency = prefactor * inv_r_max * cosine")
+    source.emit("    tl.store(grad_frequencies_ptr + edges[:, None] * num_basis + basis[None, :], "
+                "grad_bessel * d_frequency, mask=tile_mask)")
+    for axis in range(3):
+        source.emit(f"grad_u{axis} = zero")
+    for column, terms in enumerate(harmonics):
+        if not any(sum(powers) > 0 for powers, _ in terms):
+            continue
+        source.emit(f"g_sh = tl.load(grad_harmonics_ptr + edges * {len(harmonics)} + {column}, mask=mask, other=0.0)")
+        for axis in range(3):
+            derivative = []
+            for powers, coefficient in terms:
+                if powers[axis] == 0:
+                    continue
+                lowered = list(powers)
+                lowered[axis] -= 1
+                derivative.append((tuple(lowered), coefficient * powers[axis]))
+            if derivative:
+                source.emit(f"grad_u{axis} += g_sh * ({_polynomial(source, derivative, cache)})")
+    source.emit("radial_part = grad_u0 * ux + grad_u1 * uy + grad_u2 * uz")
+    for axis, component in enumerate(("ux", "uy", "uz")):
+        source.emit(f"tl.store(grad_vectors_ptr + edges * 3 + {axis}, grad_r * {component} + "
+                    f"(grad_u{axis} - radial_part * {component}) * inv_r, mask=mask)")
+    return name, source.function(name, arguments, constants_at)
+
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def _kernel(l_max: int, p: int, r_max: float, backward: bool):
+    key = (l_max, p, float(r_max), backward)
+    if key not in _KERNELS:
+        _KERNELS[key] = _load_generated(*_generate(l_max, p, float(r_max), backward))
+    return _KERNELS[key]
+
+
+def _block_size(device: torch.device) -> int:
+    return 128 if device.type == "cpu" else 64
+
+
+@torch.library.custom_op("allegro_fast::edge_geometry", mutates_args=())
+def edge_geometry(vectors: torch.Tensor, frequencies: torch.Tensor, r_max: float, p: int,
+                  l_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E, 3) edge vectors -> bessel (E, N_b), envelope (E,), harmonics (E, (l_max+1)^2); see the docstring."""
+    import triton
+
+    vectors, frequencies = vectors.contiguous(), frequencies.contiguous()
+    ensure_triton_device(vectors, frequencies)
+    num_edges, num_basis = vectors.shape[0], frequencies.shape[0]
+    bessel = vectors.new_empty((num_edges, num_basis))
+    envelope = vectors.new_empty((num_edges,))
+    harmonics = vectors.new_empty((num_edges, (l_max + 1) ** 2))
+    if num_edges > 0:
+        block = _block_size(vectors.device)
+        with nvtx_range("allegro_fast.edge_geometry"):
+            _kernel(l_max, p, r_max, False)[(triton.cdiv(num_edges, block),)](
+                vectors, frequencies, bessel, envelope, harmonics, num_edges, num_basis,
+                BLOCK_E=block, BLOCK_B=triton.next_power_of_2(num_basis))
+    return bessel, envelope, harmonics
+
+
+@edge_geometry.register_fake
+def _(vectors, frequencies, r_max, p, l_max):
+    num_edges = vectors.shape[0]
+    return (vectors.new_empty((num_edges, frequencies.shape[0])), vectors.new_empty((num_edges,)),
+            vectors.new_empty((num_edges, (l_max + 1) ** 2)))
+
+
+@torch.library.custom_op("allegro_fast::edge_geometry_backward", mutates_args=())
+def edge_geometry_backward(vectors: torch.Tensor, frequencies: torch.Tensor, grad_bessel: torch.Tensor,
+                           grad_envelope: torch.Tensor, grad_harmonics: torch.Tensor, r_max: float, p: int,
+                           l_max: int, frequency_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients with respect to the edge vectors (E, 3) and the frequencies (N_b,) (zeros unless asked)."""
+    import triton
+
+    tensors = [t.contiguous() for t in (vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics)]
+    ensure_triton_device(*tensors)
+    num_edges, num_basis = vectors.shape[0], frequencies.shape[0]
+    grad_vectors = vectors.new_empty((num_edges, 3))
+    per_edge = vectors.new_empty((num_edges, num_basis) if frequency_grad else (1, num_basis))
+    if num_edges > 0:
+        block = _block_size(vectors.device)
+        with nvtx_range("allegro_fast.edge_geometry.backward"):
+            _kernel(l_max, p, r_max, True)[(triton.cdiv(num_edges, block),)](
+                *tensors, grad_vectors, per_edge, num_edges, num_basis, BLOCK_E=block,
+                BLOCK_B=triton.next_power_of_2(num_basis), FREQUENCY_GRAD=frequency_grad)
+    grad_frequencies = per_edge.sum(0) if frequency_grad and num_edges > 0 else frequencies.new_zeros(num_basis)
+    return grad_vectors, grad_frequencies
+
+
+@edge_geometry_backward.register_fake
+def _(vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics, r_max, p, l_max, frequency_grad):
+    return vectors.new_empty((vectors.shape[0], 3)), frequencies.new_empty((frequencies.shape[0],))
+
+
+def _geometry_setup(ctx, inputs, output) -> None:
+    vectors, frequencies, r_max, p, l_max = inputs
+    ctx.settings = (r_max, p, l_max)
+    ctx.save_for_backward(vectors, frequencies)
+
+
+def _geometry_backward(ctx, grad_bessel, grad_envelope, grad_harmonics):
+    vectors, frequencies = ctx.saved_tensors
+    r_max, p, l_max = ctx.settings
+    grad_bessel = vectors.new_zeros((vectors.shape[0], frequencies.shape[0])) if grad_bessel is None else grad_bessel
+    grad_envelope = vectors.new_zeros(vectors.shape[0]) if grad_envelope is None else grad_envelope
+    grad_harmonics = (vectors.new_zeros((vectors.shape[0], (l_max + 1) ** 2)) if grad_harmonics is None
+                      else grad_harmonics)
+    grad_vectors, grad_frequencies = edge_geometry_backward(
+        vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics, r_max, p, l_max, ctx.needs_input_grad[1])
+    return grad_vectors, grad_frequencies if ctx.needs_input_grad[1] else None, None, None, None
+
+
+edge_geometry.register_autograd(_geometry_backward, setup_context=_geometry_setup)
+
+
+def _backward_setup(ctx, inputs, output) -> None:
+    vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics, r_max, p, l_max, frequency_grad = inputs
+    ctx.settings = (r_max, p, l_max)
+    ctx.frequency_grad = frequency_grad
+    ctx.save_for_backward(vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics)
+
+
+def _backward_backward(ctx, grad_grad_vectors, grad_grad_frequencies):
+    """Second derivatives by torch autograd through the reference formulas (see the module docstring)."""
+    r_max, p, l_max = ctx.settings
+    saved = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+    vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics = saved
+    with torch.enable_grad():
+        outputs = edge_geometry_ref(vectors, frequencies, r_max, p, l_max)
+        first = torch.autograd.grad(outputs, (vectors, frequencies), (grad_bessel, grad_envelope, grad_harmonics),
+                                    create_graph=True)
+        # Without frequency_grad the frequency output is a constant zero: its cotangent contributes nothing.
+        cotangents = [grad_grad_vectors, grad_grad_frequencies if ctx.frequency_grad else None]
+        pairs = [(f, c) for f, c in zip(first, cotangents) if c is not None]
+        if not pairs:
+            return (None,) * 9
+        second = torch.autograd.grad([f for f, _ in pairs], saved, [c for _, c in pairs], allow_unused=True)
+    return (*second, None, None, None, None)
+
+
+edge_geometry_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
