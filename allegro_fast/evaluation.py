@@ -182,16 +182,18 @@ def metrics_from_predictions(predictions: Predictions) -> dict:
 
 
 def evaluate(model, frames: Sequence[Atoms] | str | os.PathLike, batch_size: int = 16,
-             device: str | torch.device | None = None, progress: bool = False, **read_options) -> dict:
+             device: str | torch.device | None = None, progress: bool = False, source: str | None = None,
+             **read_options) -> dict:
     """MAE and RMSE of energy (total and per atom), force components (all and per species) and stress.
 
     model: a model or a model file; frames: labelled ASE Atoms or a data file (read with
-    `read_frames(path, **read_options)`, e.g. energy_unit="kcal/mol"). Returns the dict described in
+    `read_frames(path, **read_options)`, e.g. energy_unit="kcal/mol"); source names the frames in errors.
+    Returns the dict described in
     the module docstring (meV units), with num_structures and num_atoms.
     """
     from .data import read_frames
 
-    source = "frames"
+    source = source or "frames"
     if isinstance(frames, (str, os.PathLike)):
         source = str(frames)
         frames = read_frames(frames, **read_options)

@@ -55,7 +55,7 @@ def learning_curve(metrics_path: str | os.PathLike, path: str | os.PathLike) -> 
     best = [r["epoch"] for r in records if r.get("best")]
     if best:
         loss_axis.axvline(best[-1], color="grey", linestyle=":", label=f"best epoch {best[-1]}")
-    loss_axis.set(xlabel="epoch", ylabel="loss (eV² units: per-atom energy + force MSE)", yscale="log",
+    loss_axis.set(xlabel="epoch", ylabel="loss (weighted MSE, eV-based units)", yscale="log",
                   title="loss")
     loss_axis.legend(fontsize=8)
 
@@ -68,6 +68,10 @@ def learning_curve(metrics_path: str | os.PathLike, path: str | os.PathLike) -> 
     energy_axis.set(ylabel="energy MAE (meV/atom)", yscale="log")
     error_axis.legend(handles=force_line + energy_line, fontsize=8)
 
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in axes:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     lr_axis.plot(epochs, series("learning_rate"), color="C2")
     lr_axis.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="learning rate (ReduceLROnPlateau)")
     figure.tight_layout()

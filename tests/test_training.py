@@ -1,0 +1,159 @@
+"""The trainer: loss, files written, resume after an interruption, NaN stop, stopping conditions, EMA."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+import allegro_fast as af
+from allegro_fast.demo import generate_silver_frames
+from allegro_fast.evaluation import evaluate
+from allegro_fast.training import (
+    ExponentialMovingAverage,
+    TrainingDiverged,
+    read_metrics,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def silver_file(tmp_path_factory):
+    """14 EMT-labelled frames of Ag31 with a vacancy (energy, forces, stress)."""
+    frames = generate_silver_frames(14, seed=0, equilibration_steps=5, steps_between=2)
+    path = tmp_path_factory.mktemp("data") / "silver.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def tiny_config(path, **training) -> dict:
+    return {
+        "seed": 1,
+        "data": {"train_file": str(path), "n_train": 7, "n_val": 4, "n_test": 3},
+        "model": {"r_max": 3.5, "l_max": 1, "num_layers": 1, "num_scalar_features": 8, "num_tensor_features": 3,
+                  "num_bessels": 4, "two_body_mlp_hidden": [8], "latent_mlp_hidden": [8], "readout_mlp_hidden": [5]},
+        "training": {"batch_size": 3, "max_epochs": 3, "dtype": "float64", "learning_rate": 0.01, "ema_decay": 0.9,
+                     "progress_bar": False, "plots": False, "num_threads": 1, **training},
+    }
+
+
+def test_train_writes_model_metrics_and_plots(silver_file, tmp_path):
+    result = train(tiny_config(silver_file, plots=True, stress_weight=1.0), tmp_path / "run", progress=False)
+    assert result.epochs == 3 and result.stop_reason == "max_epochs"
+    for name in ("model.pt", "checkpoint.pt", "metrics.jsonl", "config.yaml", "test_metrics.json",
+                 "learning_curve.png", "parity.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    records = read_metrics(result.metrics_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert math.isclose(min(r["validation_loss"] for r in records), result.best_validation_loss)
+    assert records[result.best_epoch - 1]["best"]
+    model = af.load(result.model_path)
+    assert model.config.type_names == ("Ag",) and model.config.avg_num_neighbors > 1
+    assert model.dtype == torch.float64
+    # model.pt holds the EMA weights of the best epoch: evaluating them again gives the test metrics
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    frames = ase.io.read(silver_file, index=":")
+    again = evaluate(model, [frames[i] for i in np.random.default_rng(1).permutation(14)[11:]])
+    assert math.isclose(again["forces_mae_meV_per_A"], test["forces_mae_meV_per_A"], rel_tol=1e-9)
+    assert "stress_mae_meV_per_A3" in test and test["per_species"]["Ag"]["num_atoms"] == 3 * 31
+
+
+def test_validation_loss_is_the_training_loss_formula(silver_file, tmp_path):
+    """Validation loss = per-atom energy MSE + force-component MSE of the EMA model (weights 1)."""
+    result = train(tiny_config(silver_file, max_epochs=1, force_weight=2.0), tmp_path / "run", progress=False)
+    metrics = result.validation_metrics
+    expected = (metrics["energy_per_atom_rmse_meV_per_atom"] / 1000) ** 2 + 2.0 * (metrics["forces_rmse_meV_per_A"] / 1000) ** 2
+    assert math.isclose(result.best_validation_loss, expected, rel_tol=1e-9)
+
+
+def test_resume_after_interruption_continues_exactly(silver_file, tmp_path):
+    config = tiny_config(silver_file, max_epochs=4)
+    straight = train(config, tmp_path / "straight", progress=False)
+
+    def interrupt(event, info):
+        if event == "batch_end" and info["epoch"] == 2 and info["batch"] == 1:  # in the middle of epoch 3
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", progress=False, on_event=interrupt)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2  # only the current epoch was lost
+    assert [r["epoch"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
+
+    resumed = train(config, tmp_path / "resumed", progress=False)
+    assert resumed.epochs == 4 and resumed.best_epoch == straight.best_epoch
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    for key in a["model"]:  # model, EMA, optimizer moments, scheduler, RNG: all continue as if never stopped
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["ema"]["model"][key], b["ema"]["model"][key]), key
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    for k, moments in a["optimizer"]["state"].items():
+        assert torch.equal(moments["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["shuffle_generator"], b["shuffle_generator"])
+    assert [r["learning_rate"] for r in read_metrics(straight.metrics_path)] == \
+        [r["learning_rate"] for r in read_metrics(resumed.metrics_path)]
+
+    # Resuming a finished run does nothing more; a larger max_epochs continues it.
+    assert train(config, tmp_path / "resumed", progress=False).epochs == 4
+    config["training"]["max_epochs"] = 5
+    assert train(config, tmp_path / "resumed", progress=False).epochs == 5
+    # A different data or model section refuses to resume in the same folder.
+    config["model"]["num_scalar_features"] = 9
+    with pytest.raises(RuntimeError, match="different 'model' section"):
+        train(config, tmp_path / "resumed", progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(silver_file, tmp_path):
+    def poison(event, info):
+        if event == "batch_end" and info["epoch"] == 1 and info["batch"] == 0:
+            with torch.no_grad():
+                next(info["trainer"].model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at epoch 2, batch 2.*checkpoint.pt \(after epoch 1\) is kept"):
+        train(tiny_config(silver_file), tmp_path / "run", progress=False, on_event=poison)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+    assert all(torch.isfinite(p).all() for p in af.load(tmp_path / "run" / "model.pt").parameters())
+
+
+def test_stopping_conditions(silver_file, tmp_path):
+    # min_lr: with a tiny learning rate the validation loss stays put (within ReduceLROnPlateau's relative
+    # threshold 1e-4), so with patience 0 the rate drops by 10 after the second epoch, below min_lr.
+    result = train(tiny_config(silver_file, max_epochs=20, learning_rate=1e-6, lr_patience=0, lr_factor=0.1,
+                               min_lr=5e-7), tmp_path / "lr", progress=False)
+    assert result.stop_reason == "min_lr" and result.epochs == 2
+    assert [r["learning_rate"] for r in read_metrics(result.metrics_path)] == pytest.approx([1e-6, 1e-7])
+
+    def no_improvement_after_epoch_1(event, info):
+        if event == "epoch_end" and info["epoch"] == 1:
+            info["trainer"].best_validation_loss = 0.0  # nothing can beat this
+
+    result = train(tiny_config(silver_file, max_epochs=50, early_stopping_patience=2), tmp_path / "patience",
+                   progress=False, on_event=no_improvement_after_epoch_1)
+    assert result.stop_reason == "early_stopping" and (result.epochs, result.best_epoch) == (3, 1)
+    result = train(tiny_config(silver_file, max_epochs=1000, max_time_minutes=0.02), tmp_path / "time", progress=False)
+    assert result.stop_reason == "max_time" and result.epochs < 1000
+
+
+def test_ema_average_and_gradient_clipping(silver_file, tmp_path):
+    model = torch.nn.Linear(2, 1)
+    ema = ExponentialMovingAverage(model, decay=0.5)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 2/11) = 2/11
+    for averaged, initial in zip(ema.model.parameters(), start):
+        assert torch.allclose(averaged, initial + 9 / 11)
+
+    # With a tiny clip norm every step moves the weights by at most lr * (Adam's normalised step); we just check
+    # that clipping runs and training stays finite.
+    result = train(tiny_config(silver_file, max_epochs=1, grad_clip_norm=1e-3), tmp_path / "clip", progress=False)
+    assert math.isfinite(result.best_validation_loss)
