@@ -101,11 +101,16 @@ def error_metrics(pred_energy, pred_forces, ref_energy, ref_forces, atoms_per_fr
     pred_energy, ref_energy: (S,) eV; pred_forces, ref_forces: (N, 3) eV/Å; atoms_per_frame: (S,).
     Force MAE/RMSE are over all N*3 Cartesian components (the rMD17 and nequip convention).
     """
+    energy_shape = (len(atoms_per_frame),)
+    force_shape = (int(np.sum(atoms_per_frame)), 3)
+    for name, array, shape in (("predicted energy", pred_energy, energy_shape), ("reference energy", ref_energy,
+                               energy_shape), ("predicted forces", pred_forces, force_shape),
+                              ("reference forces", ref_forces, force_shape)):
+        if np.shape(array) != shape:
+            raise ValueError(f"{name} has shape {np.shape(array)}; {shape} expected, which does not match "
+                             f"{energy_shape[0]} frames of {force_shape[0]} atoms in all")
     energy_error = np.asarray(pred_energy, dtype=float) - np.asarray(ref_energy, dtype=float)
     force_error = np.asarray(pred_forces, dtype=float) - np.asarray(ref_forces, dtype=float)
-    if energy_error.shape != (len(atoms_per_frame),) or force_error.shape != (int(np.sum(atoms_per_frame)), 3):
-        raise ValueError(f"prediction shapes {energy_error.shape}, {force_error.shape} do not match the references "
-                         f"({len(atoms_per_frame)} frames, {int(np.sum(atoms_per_frame))} atoms)")
     per_atom = energy_error / np.asarray(atoms_per_frame, dtype=float)
     return {
         "num_frames": len(atoms_per_frame),
@@ -198,3 +203,48 @@ def single_thread_env() -> dict:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = "1"
     return env
+
+
+# --------------------------------------------------------------------------------------------------
+# running trainings
+# --------------------------------------------------------------------------------------------------
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (Linux /proc/<pid>/stat), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def wait_all(processes: dict, timeout: float, start: float) -> dict:
+    """Waits for every process (None entries are skipped). Returns {name: {"wall_s": seconds from `start` to
+    its exit, "cpu_s": its CPU seconds at the last poll before the exit (polled every second)}}."""
+    finished, cpu = {}, {}
+    while len(finished) < sum(process is not None for process in processes.values()):
+        for name, process in processes.items():
+            if process is None or name in finished:
+                continue
+            seconds = process_cpu_seconds(process.pid)
+            if process.poll() is not None:
+                finished[name] = {"wall_s": time.perf_counter() - start, "cpu_s": cpu.get(name)}
+            elif seconds is not None:
+                cpu[name] = seconds
+        if time.perf_counter() - start > timeout:
+            for process in processes.values():
+                if process is not None and process.poll() is None:
+                    process.kill()
+            raise TimeoutError(f"benchmark processes still running after {timeout:.0f} s; killed")
+        time.sleep(1.0)
+    return finished
+
+
+def normalise_our_curve(records: list[dict]) -> list[dict]:
+    """allegro-fast's metrics.jsonl records as {epoch, wall_s, val_force_mae_meV_per_A, val_energy_mae_meV,
+    train_loss, lr} (the keys the plots and the nequip curve share)."""
+    return [{
+        "epoch": record["epoch"], "wall_s": record["wall_seconds"],
+        "val_force_mae_meV_per_A": record.get("validation_forces_mae_meV_per_A"),
+        "val_energy_mae_meV": record.get("validation_energy_mae_meV"),
+        "train_loss": record.get("train_loss"), "lr": record.get("learning_rate"),
+    } for record in records]

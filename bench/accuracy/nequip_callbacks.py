@@ -2,7 +2,7 @@
 
 nequip's loggers record metrics per epoch and step but not the wall-clock time, which a fixed-budget
 comparison needs. This callback appends one JSON line per training epoch to `path`:
-{"epoch", "wall_s" (seconds since the start of training), "train_loss", "val_force_mae", "val_energy_mae",
+{"epoch", "wall_s" (seconds since the start of training), "cpu_s" (CPU seconds of the process since then), "train_loss", "val_force_mae", "val_energy_mae",
 "lr"}; errors in eV and eV/Å as nequip logs them (the validation metrics are of the EMA weights when the
 training module keeps an EMA). The benchmark puts bench/accuracy on PYTHONPATH so Hydra can import it as
 `nequip_callbacks.WallClockLog`.
@@ -29,6 +29,7 @@ class WallClockLog(lightning.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         open(self.path, "w").close()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -39,6 +40,7 @@ class WallClockLog(lightning.Callback):
         self.pending = {
             "epoch": int(trainer.current_epoch) + 1,
             "wall_s": time.perf_counter() - self.start,
+            "cpu_s": time.process_time() - self.cpu_start,
             "train_loss": None,
             "val_force_mae": _metric(metrics, "val0_epoch/forces_mae"),
             "val_energy_mae": _metric(metrics, "val0_epoch/total_energy_mae"),

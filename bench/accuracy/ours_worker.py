@@ -12,7 +12,6 @@ computed with bench/accuracy/common.error_metrics (the same function that scores
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -23,28 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import error_metrics, write_json
-
-
-def read_learning_curve(metrics_path: Path) -> list[dict]:
-    """The trainer's per-epoch metrics file (JSON lines or CSV) as a list of dicts of numbers."""
-    if metrics_path is None or not Path(metrics_path).exists():
-        return []
-    text = Path(metrics_path).read_text()
-    if str(metrics_path).endswith(".csv"):
-        rows = list(csv.DictReader(text.splitlines()))
-    elif str(metrics_path).endswith(".json"):
-        loaded = json.loads(text)
-        rows = loaded if isinstance(loaded, list) else loaded.get("epochs", loaded.get("history", []))
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-
-    def number(value):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return value
-
-    return [{key: number(value) for key, value in row.items()} for row in rows]
 
 
 def test_errors(model_path: Path, test_file: Path, energy_unit: str, n_test: int | None, batch_size: int) -> dict:
@@ -74,11 +51,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from allegro_fast.training import train
+    from allegro_fast.training import read_metrics, train
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     trained = train(str(args.config), str(args.workdir), resume=False, progress=False)
     train_wall = time.perf_counter() - start
+    train_cpu = time.process_time() - cpu_start
     result = {
         "model_path": str(trained.model_path),
         "metrics_path": str(trained.metrics_path),
@@ -86,7 +65,8 @@ def main(argv=None) -> int:
         "best_validation_loss": float(trained.best_validation_loss),
         "train_wall_seconds_reported": float(trained.wall_seconds),
         "train_call_wall_s": train_wall,
-        "learning_curve": read_learning_curve(Path(trained.metrics_path)),
+        "train_call_cpu_s": train_cpu,  # CPU seconds of the whole train() call (data setup and final test included)
+        "learning_curve": read_metrics(trained.metrics_path),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "test": {},

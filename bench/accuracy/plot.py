@@ -3,7 +3,8 @@
     python bench/accuracy/plot.py bench/results/accuracy-aspirin-<date>.json   # writes the .png beside it
 
 Reads the JSON written by rmd17_aspirin.py or acac.py; each package entry ("allegro_fast", "nequip_allegro")
-holds a "learning_curve" list of {epoch, wall_s, val_force_mae_meV_per_A, ...} and a "test" dict.
+holds a "learning_curve" list of {epoch, wall_s, val_force_mae_meV_per_A, ...}, a "test" dict and optionally
+"test_by_temperature" (several test sets, each drawn as a line).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def plot_learning_curves(result: dict, path: Path) -> None:
         if points:
             minutes, errors = zip(*points)
             axis.plot(minutes, errors, color=COLOURS[key], label=f"{label}: validation ({len(points)} epochs)")
-        test = entry.get("test", {}).get("force_mae_meV_per_A")
-        if test is not None:
-            axis.axhline(test, color=COLOURS[key], linestyle="--", linewidth=1,
-                         label=f"{label}: test {test:.1f} meV/Å (best-validation model)")
+        tests = entry.get("test_by_temperature") or {"": entry.get("test", {})}
+        for (name, test), style in zip(tests.items(), ("--", ":", "-.")):
+            value = test.get("force_mae_meV_per_A")
+            if value is not None:
+                axis.axhline(value, color=COLOURS[key], linestyle=style, linewidth=1,
+                             label=f"{label}: test {name} {value:.1f} meV/Å (best-validation model)".replace("  ", " "))
     axis.set_yscale("log")
     axis.set_xlabel("training wall-clock time (min)")
     axis.set_ylabel("force MAE (meV/Å)")

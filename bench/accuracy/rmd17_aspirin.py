@@ -44,9 +44,11 @@ from common import (
     LoadSampler,
     load_rmd17,
     machine_info,
+    normalise_our_curve,
     single_thread_env,
     split_indices,
     today,
+    wait_all,
     write_json,
 )
 from plot import plot_learning_curves
@@ -104,22 +106,6 @@ def run_config(args, workdir: Path) -> dict:
     }
 
 
-def wait_all(processes: dict, timeout: float, start: float) -> dict:
-    """Waits for every process (None entries are skipped); returns seconds from `start` to each one's exit."""
-    finished = {}
-    while len(finished) < sum(process is not None for process in processes.values()):
-        for name, process in processes.items():
-            if process is not None and name not in finished and process.poll() is not None:
-                finished[name] = time.perf_counter() - start
-        if time.perf_counter() - start > timeout:
-            for process in processes.values():
-                if process is not None and process.poll() is None:
-                    process.kill()
-            raise TimeoutError(f"benchmark processes still running after {timeout:.0f} s; killed")
-        time.sleep(1.0)
-    return finished
-
-
 def check_same_split(count: int, sizes, seed: int, ours) -> None:
     """The indices we give nequip must be the ones allegro_fast.data.split_frames picks."""
     from allegro_fast.data import split_frames
@@ -129,34 +115,12 @@ def check_same_split(count: int, sizes, seed: int, ours) -> None:
         raise RuntimeError("bench split differs from allegro_fast.data.split_frames; the comparison would be unfair")
 
 
-def normalise_our_curve(rows: list[dict]) -> list[dict]:
-    """Our trainer's per-epoch rows as {epoch, wall_s, val_force_mae_meV_per_A, val_energy_mae_meV, lr}."""
-    def first(row, *names):
-        for name in names:
-            if name in row and row[name] is not None and row[name] != "":
-                return float(row[name])
-        return None
-
-    curve = []
-    for row in rows:
-        curve.append({
-            "epoch": first(row, "epoch"),
-            "wall_s": first(row, "wall_s", "wall_seconds", "time_s", "elapsed_s", "elapsed_seconds", "time"),
-            "val_force_mae_meV_per_A": first(row, "val_forces_mae_meV_per_A", "validation_forces_mae_meV_per_A",
-                                             "val_force_mae_meV_per_A"),
-            "val_energy_mae_meV": first(row, "val_energy_mae_meV", "validation_energy_mae_meV"),
-            "train_loss": first(row, "train_loss", "training_loss"),
-            "lr": first(row, "lr", "learning_rate"),
-        })
-    return curve
-
-
 def normalise_nequip_curve(rows: list[dict]) -> list[dict]:
     return [{
         "epoch": row["epoch"], "wall_s": row["wall_s"],
         "val_force_mae_meV_per_A": None if row["val_force_mae"] is None else 1e3 * row["val_force_mae"],
         "val_energy_mae_meV": None if row["val_energy_mae"] is None else 1e3 * row["val_energy_mae"],
-        "train_loss": row["train_loss"], "lr": row["lr"],
+        "train_loss": row["train_loss"], "lr": row["lr"], "cpu_s": row.get("cpu_s"),
     } for row in rows]
 
 
@@ -247,6 +211,7 @@ def main(argv=None) -> int:
     result["allegro_fast"] = {
         "test": ours["test"]["test"], "epochs": ours["epochs"], "train_call_wall_s": ours["train_call_wall_s"],
         "train_wall_seconds_reported": ours["train_wall_seconds_reported"], "process_wall_s": ours["process_wall_s"],
+        "train_call_cpu_s": ours.get("train_call_cpu_s"), "process_cpu_s": finished["allegro_fast"]["cpu_s"],
         "torch_threads": ours["torch_threads"], "learning_curve": normalise_our_curve(ours["learning_curve"]),
         "run_config": run_config(args, ours_dir),
     }
@@ -256,7 +221,9 @@ def main(argv=None) -> int:
             raise RuntimeError(f"nequip-train failed (exit {nequip_process.returncode}):\n{tail}")
         theirs = nequip_side.collect(nequip_dir)
         result["nequip_allegro"] = {
-            "test": theirs["test"], "epochs": theirs["epochs"], "process_wall_s": finished["nequip"],
+            "test": theirs["test"], "epochs": theirs["epochs"], "process_wall_s": finished["nequip"]["wall_s"],
+            "process_cpu_s": finished["nequip"]["cpu_s"],
+            "training_loop_cpu_s": theirs["learning_curve"][-1].get("cpu_s") if theirs["learning_curve"] else None,
             "learning_curve": normalise_nequip_curve(theirs["learning_curve"]),
             "versions": {"nequip": "0.19.1", "nequip-allegro": "0.8.3"},
             "config": config,
