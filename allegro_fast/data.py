@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io.formats import string2index
 
 from .graph import AtomicGraph
 
@@ -96,13 +97,16 @@ def read_frames(
         raw = _read_npz(path)
     else:
         raw = _read_ase(path, format, energy_key, forces_key, stress_key)
-    if isinstance(index, str) and index == ":":
-        selected = raw
-    else:
-        selected = raw[index] if isinstance(index, slice) else [raw[index]]
+    if isinstance(index, str):
+        index = string2index(index)  # ASE's syntax: ":", "-1", "::10", "5:20"
+    try:
+        frame_numbers = range(len(raw))[index] if isinstance(index, slice) else [range(len(raw))[index]]
+    except (IndexError, TypeError):
+        raise DataError(f"{path}: frame index {index!r} does not select from its {len(raw)} frames") from None
 
     frames = []
-    for frame_index, (atoms, energy, forces, stress) in enumerate(selected):
+    for frame_index in frame_numbers:
+        atoms, energy, forces, stress = raw[frame_index]
         where = f"{path}, frame {frame_index}"
         energy, forces, stress = _checked_labels(where, len(atoms), energy, forces, stress)
         atoms = atoms.copy()
