@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def _train(args) -> int:
     config = load_run_config(args.config)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config).stem
     result = train(config, workdir, resume=not args.restart, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, one summary is enough
     print(f"model: {result.model_path}  (epoch {result.best_epoch} of {result.epochs}, stopped by {result.stop_reason}, "
           f"{result.wall_seconds:.0f} s of training)")
     print(f"metrics per epoch: {result.metrics_path}; plots: {', '.join(str(p) for p in result.plot_paths) or 'none'}")
