@@ -1,0 +1,257 @@
+"""The whole GPU suite in one invocation: CUDA tests, kernel profiles, end to end, roofline, plots.
+
+Run it through bench/gpu/run_suite.sh on a bare GPU machine (that script installs the carried wheels and the
+package first); directly:
+
+    python bench/gpu/suite.py --out results/                 # CUDA
+    python bench/gpu/suite.py --device cpu --quick --out /tmp/suite   # dry run of the same stages here
+
+Every stage runs in its own subprocess with a timeout taken from the remaining budget (--budget seconds,
+default 540, so that one device call of 10 minutes holds the install and the suite); a stage that fails or
+runs out of time is recorded with its error and the next one runs. Stages, in order of priority:
+
+    environment      nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast
+    cuda_tests       python -m pytest -m cuda tests   (quick: -m "not slow" on the CPU, first failures only)
+    e2e_default      end to end, default model (allegro_fast.bench_cli)
+    roofline         bench/roofline.py
+    kernels_<op>     pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
+    e2e_models       end to end, the speed and rMD17 models
+    plots            bench/plot.py
+
+Out folder (at most 8 files, as the device tool brings back): summary.txt (the final table and every
+stage's last lines), summary.json (stages, timings, errors), e2e.json (all end-to-end rows merged),
+kernels.json (all kernel-profile rows, compact), roofline.json, latency.png, speedup.png, and suite.tar.gz
+with every log, raw JSON and figure. --keep-work also leaves the working folder in <out>/work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Suite:
+    def __init__(self, work: Path, budget: float) -> None:
+        self.work = work
+        self.deadline = time.monotonic() + budget
+        self.stages: list[dict] = []
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, name: str, command: list[str], max_seconds: float, env: dict | None = None,
+            outputs: tuple[str, ...] = ()) -> dict:
+        """Run one stage with timeout min(max_seconds, remaining budget); log to work/<name>.log."""
+        timeout = min(max_seconds, self.remaining() - 5)
+        stage = {"stage": name, "command": " ".join(command), "timeout_s": round(max(timeout, 0), 1)}
+        if timeout < 10:
+            stage.update(status="skipped", error="no time left in the budget")
+            self.stages.append(stage)
+            print(f"== {name}: skipped (no time left)", flush=True)
+            return stage
+        log_path = self.work / f"{name}.log"
+        print(f"== {name} (timeout {timeout:.0f} s): {stage['command']}", flush=True)
+        begin = time.monotonic()
+        try:
+            with open(log_path, "w") as log:
+                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO,
+                                        env={**os.environ, **(env or {})}, check=False)
+            stage["returncode"] = result.returncode
+            no_tests = result.returncode == 5 and "pytest" in command  # pytest: nothing collected or selected
+            stage["status"] = "ok" if result.returncode == 0 or no_tests else "failed"
+        except subprocess.TimeoutExpired:
+            stage.update(status="timeout", error=f"killed after {timeout:.0f} s")
+        except OSError as error:
+            stage.update(status="failed", error=f"{type(error).__name__}: {error}")
+        stage["seconds"] = round(time.monotonic() - begin, 1)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:] if log_path.exists() else []
+        stage["log_tail"] = tail
+        if stage["status"] == "failed" and "error" not in stage:
+            stage["error"] = next((line for line in reversed(tail) if line.strip()), f"exit {stage.get('returncode')}")[:300]
+        stage["outputs"] = [o for o in outputs if (self.work / o).exists()]
+        self.stages.append(stage)
+        print(f"   {stage['status']} in {stage['seconds']} s" + (f": {stage.get('error', '')}" if stage["status"] != "ok" else ""),
+              flush=True)
+        return stage
+
+    def record(self, name: str, function) -> None:
+        """An in-process stage (cheap bookkeeping), with its error recorded."""
+        begin = time.monotonic()
+        stage = {"stage": name}
+        try:
+            stage["result"] = function()
+            stage["status"] = "ok"
+        except Exception as error:  # recorded in the table, never fatal
+            stage.update(status="failed", error=f"{type(error).__name__}: {error}")
+        stage["seconds"] = round(time.monotonic() - begin, 1)
+        self.stages.append(stage)
+
+
+def environment(device: str) -> dict:
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    probe = ("import json, torch, e3nn\n"
+             "out = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'e3nn': e3nn.__version__,\n"
+             "       'cuda_available': torch.cuda.is_available()}\n"
+             "if torch.cuda.is_available(): out['gpu'] = torch.cuda.get_device_name(0)\n"
+             "try:\n import triton; out['triton'] = triton.__version__\nexcept ImportError: out['triton'] = None\n"
+             "try:\n import allegro_fast, allegro_fast.kernels; out['allegro_fast'] = allegro_fast.__version__\n"
+             "except Exception as e: out['allegro_fast'] = 'import failed: ' + repr(e)\n"
+             "print(json.dumps(out))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    info.update(json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else {"probe_error": result.stderr[-500:]})
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=False)
+        info["nvidia_smi"] = smi.stdout.strip()
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                                        check=False).stdout.strip() or None
+    except OSError:
+        info["commit"] = None
+    info["device"] = device
+    return info
+
+
+def merge_kernel_profiles(work: Path) -> list[dict]:
+    rows = []
+    for path in sorted(work.glob("kernels-*.json")):
+        data = json.loads(path.read_text())
+        for bench in data.get("benchmarks", []):
+            stats = bench["stats"]
+            rows.append({"group": bench.get("group"), "name": bench["name"], **bench.get("extra_info", {}),
+                         "median_s": stats["median"], "iqr_s": stats["iqr"], "min_s": stats["min"],
+                         "max_s": stats["max"], "rounds": stats["rounds"]})
+    return rows
+
+
+def merge_e2e(work: Path) -> dict:
+    merged = None
+    for path in sorted(work.glob("e2e-*.json")):
+        data = json.loads(path.read_text())
+        if merged is None:
+            merged = data
+        else:
+            merged["rows"] += data["rows"]
+            merged["speedups"].update(data.get("speedups", {}))
+            merged.setdefault("parts", []).append(path.name)
+    return merged or {}
+
+
+def table(stages: list[dict]) -> str:
+    lines = [f"{'stage':22s} {'status':8s} {'seconds':>8s}  note"]
+    for stage in stages:
+        note = stage.get("error") or ", ".join(stage.get("outputs", [])) or ""
+        lines.append(f"{stage['stage']:22s} {stage['status']:8s} {stage.get('seconds', 0):8.1f}  {note[:120]}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "suite-out")))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (dry run)")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
+    parser.add_argument("--keep-work", action="store_true")
+    parser.add_argument("--install-log", type=Path, default=None, help="log of run_suite.sh's install step")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="allegro_suite_"))
+    suite = Suite(work, args.budget)
+    python = sys.executable
+    quick = ["--quick"] if args.quick else []
+
+    if args.install_log and args.install_log.exists():
+        text = args.install_log.read_text(errors="replace")
+        shutil.copyfile(args.install_log, work / "install.log")
+        failed = [line for line in text.splitlines() if line.startswith("!")]
+        suite.stages.append({"stage": "install", "status": "partial" if failed else "ok", "seconds": 0.0,
+                             "error": "; ".join(failed)[:300] if failed else None,
+                             "log_tail": text.strip().splitlines()[-15:]})
+    suite.record("environment", lambda: environment(device))
+    if cuda:
+        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 120)
+    else:
+        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 60,
+                  env={"OMP_NUM_THREADS": "1"})
+
+    e2e = [python, "-m", "allegro_fast.bench_cli", "--device", device, "--no-roofline", "--timeout", "150"]
+    if args.quick:
+        suite.run("e2e_default", [*e2e, *quick, "--output", str(work / "e2e-default.json")], 240,
+                  outputs=("e2e-default.json",))
+    else:
+        repeats = ["--repeats", "10", "--warmup", "3"] if cuda else []
+        suite.run("e2e_default", [*e2e, *repeats, "--models", "default", "--output", str(work / "e2e-default.json")], 220,
+                  outputs=("e2e-default.json",))
+
+    roofline = [python, "bench/roofline.py", "--device", device, "--output", str(work / "roofline.json")]
+    if args.quick or not cuda:
+        roofline += ["--edges", "1024", "--repeats", "3", "--dtypes", "float32"]
+    suite.run("roofline", roofline, 90, outputs=("roofline.json",))
+
+    sizes = "quick" if args.quick else ("gpu" if cuda else "cpu")
+    for dtype in ("float32", "float64"):
+        for op in ("layer", "edge_geometry", "readout"):
+            name = f"kernels-{op}-{dtype}"
+            suite.run(name.replace("-", "_"), [
+                python, "-m", "pytest", "bench/kernels", "-q", "-p", "no:cacheprovider", "--bench-device", device,
+                "--bench-sizes", sizes, "--bench-ops", op, "--bench-dtypes", dtype,
+                "--benchmark-max-time", "0.05", "--benchmark-min-rounds", "5", "--benchmark-columns", "median,iqr,rounds",
+                "--benchmark-json", str(work / f"{name}.json")], 90, env={"OMP_NUM_THREADS": "1"} if not cuda else None,
+                outputs=(f"{name}.json",))
+
+    if not args.quick:
+        suite.run("e2e_models", [*e2e, "--models", "speed", "rmd17", "--repeats", "10", "--warmup", "3",
+                                 "--output", str(work / "e2e-models.json")], 200, outputs=("e2e-models.json",))
+
+    merged = merge_e2e(work)
+    if merged:
+        (work / "e2e.json").write_text(json.dumps(merged, indent=1))
+        suite.run("plots", [python, "bench/plot.py", str(work / "e2e.json"), str(work / "roofline.json")
+                            if (work / "roofline.json").exists() else str(work / "e2e.json"), "--out", str(work)], 60)
+    suite.record("kernel_rows", lambda: len(merge_kernel_profiles(work)))
+    (work / "kernels.json").write_text(json.dumps(merge_kernel_profiles(work), indent=0))
+
+    summary = {"device": device, "quick": args.quick, "budget_s": args.budget, "stages": suite.stages}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = table(suite.stages)
+    details = "\n\n".join(f"--- {s['stage']} ({s['status']})\n" + "\n".join(s.get("log_tail", [])) for s in suite.stages
+                          if s.get("log_tail"))
+    (work / "summary.txt").write_text(text + "\n\n" + details + "\n")
+
+    with tarfile.open(args.out / "suite.tar.gz", "w:gz") as archive:
+        archive.add(work, arcname="suite")
+    for name, target in (("summary.txt", "summary.txt"), ("summary.json", "summary.json"), ("e2e.json", "e2e.json"),
+                         ("kernels.json", "kernels.json"), ("roofline.json", "roofline.json"),
+                         ("e2e-latency.png", "latency.png"), ("e2e-speedup.png", "speedup.png")):
+        if (work / name).exists():
+            shutil.copyfile(work / name, args.out / target)
+    if args.keep_work:
+        shutil.copytree(work, args.out / "work", dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print("\n" + text)
+    print(f"\nwrote {args.out}/ (summary.txt, summary.json, e2e.json, kernels.json, roofline.json, figures, suite.tar.gz)")
+    return 0 if all(s["status"] in ("ok", "skipped", "partial") for s in suite.stages) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
