@@ -1,0 +1,47 @@
+"""The benchmark harness works: the end-to-end runner writes valid JSON on a tiny case, and the kernel
+profiles collect (they live in bench/kernels, outside CI's testpaths, so nothing else would notice)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from allegro_fast import bench_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_summary_statistics():
+    stats = bench_cli.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stats["median_ms"], stats["min_ms"], stats["max_ms"]) == (3.0, 1.0, 5.0)
+    assert stats["min_ms"] <= stats["p25_ms"] <= stats["median_ms"] <= stats["p75_ms"] <= stats["max_ms"]
+
+
+def test_runner_writes_valid_json(tmp_path):
+    output = tmp_path / "e2e.json"
+    bench_cli.main(["--device", "cpu", "--jobs", "ag32:default:inference", "--providers", "torch", "triton",
+                    "--repeats", "2", "--warmup", "0", "--threads", "1", "--output", str(output)])
+    result = json.loads(output.read_text())
+    for key in ("date", "device", "cpu", "commit", "versions", "loadavg_at_start", "settings", "rows"):
+        assert key in result, key
+    rows = {row["provider"]: row for row in result["rows"]}
+    torch_row = rows["torch"]
+    assert "error" not in torch_row, torch_row.get("error")
+    assert torch_row["num_atoms"] == 32 and torch_row["num_edges"] > 0
+    assert len(torch_row["times_ms"]) == 2 and torch_row["median_ms"] > 0
+    assert torch_row["us_per_atom_step"] > 0
+    assert rows["triton"]["skipped"]  # never timed on a CPU, with the reason
+
+
+def test_kernel_profiles_collect():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "bench/kernels",
+         "--bench-sizes", "quick", "--bench-device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    collected = [line for line in result.stdout.splitlines() if "test_profile[" in line]
+    assert any("layer-middle" in line and "double_backward" in line for line in collected)
+    assert any("edge_geometry" in line for line in collected) and any("readout" in line for line in collected)
