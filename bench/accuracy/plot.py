@@ -33,7 +33,7 @@ def plot_learning_curves(result: dict, path: Path) -> None:
                   if row.get("wall_s") is not None and row.get("val_force_mae_meV_per_A") is not None]
         if points:
             minutes, errors = zip(*points)
-            axis.plot(minutes, errors, color=COLOURS[key], label=f"{label}: validation ({len(points)} epochs)")
+            axis.plot(minutes, errors, "o-", markersize=3, color=COLOURS[key], label=f"{label}: validation ({len(points)} epochs)")
         tests = entry.get("test_by_temperature") or {"": entry.get("test", {})}
         for (name, test), style in zip(tests.items(), ("--", ":", "-.")):
             value = test.get("force_mae_meV_per_A")

@@ -190,6 +190,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "bench/accuracy/rmd17_aspirin.py",
+        "title": "rMD17 aspirin: allegro-fast vs nequip-allegro 0.8.3, same size, split and budget",
         "argv": sys.argv[1:] if argv is None else list(argv),
         "dataset": {"train_file": str(args.train_file), "test_file": str(args.test_file), "n_train": args.n_train,
                     "n_val": args.n_val, "n_test": len(test_frames), "split_seed": args.seed,
