@@ -426,6 +426,11 @@ def run_jobs(spec_path) -> int:
         load_start = os.getloadavg()[0]
         try:
             row.update(run_one_job(spec["provider"], job, settings))
+        except ModuleNotFoundError as exc:
+            if spec["provider"] == "nequip":
+                row["error"] = f"ModuleNotFoundError: {exc}"
+            else:  # an optional accelerator (triton, cuequivariance) that this machine lacks
+                row["skipped"] = f"{spec['provider']} needs the module '{exc.name}', which is not installed"
         except Exception as exc:  # one failing job must not hide the others
             traceback.print_exc(file=sys.stderr)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
