@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 20 if cuda else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if cuda else 2)
     batch_size = 2 if args.quick and args.batch_size == 5 else args.batch_size
-    providers = args.providers or (["torch", "triton", "reference", *NEQUIP_PROVIDERS] if cuda
+    # most informative first: a run cut short by a time limit still has the main comparison
+    providers = args.providers or (["torch", "triton", "nequip", "nequip-triton", "reference", "nequip-cueq"] if cuda
                                    else ["torch", "reference", "nequip"])
     settings = {"device": device, "repeats": repeats, "warmup": warmup, "seed": args.seed,
                 "threads": args.threads or os.cpu_count() or 1, "batch_size": batch_size}
@@ -570,7 +571,34 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 runnable[provider].append(job)
 
+    stamp = started.astimezone().strftime("%Y-%m-%d-%H%M%S")
+    if args.output:
+        output = args.output
+    elif args.out:
+        output = args.out / "e2e.json"
+    elif (REPO / "bench" / "results").is_dir():
+        output = REPO / "bench" / "results" / f"{device}-{stamp}{'-quick' if args.quick else ''}.json"
+    else:
+        output = Path("bench-results") / f"{device}-{stamp}.json"
     results: dict[tuple[str, int], list[dict]] = {}
+    static = {
+        "kind": "allegro-fast end-to-end benchmark",
+        "date": started.isoformat(timespec="seconds"),
+        **machine_info(device),
+        "commit": git_commit(), "versions": versions(),
+        "loadavg_at_start": load_at_start,
+        "settings": {**settings, "rounds": args.rounds, "dtype": args.dtype, "providers": providers,
+                     "quick": args.quick, "isolate": args.isolate, "nequip_python": nequip_python},
+        "cases": {job["case"]: CASES[job["case"]] for job in jobs},
+    }
+
+    def assemble(complete: bool) -> dict:
+        rows = [pool_rows(provider, job, results[(provider, id(job))])
+                for job in jobs for provider in providers if (provider, id(job)) in results]
+        rows += skipped_rows
+        return {**static, "complete": complete, "loadavg_at_end": list(os.getloadavg()),
+                "rows": rows, "speedups": speedups(rows)}
+
     active = [p for p in providers if runnable[p]]
     for round_index in range(args.rounds):
         order = active[round_index % len(active):] + active[:round_index % len(active)] if active else []
@@ -590,44 +618,17 @@ def main(argv: list[str] | None = None) -> int:
                 out_rows = out if isinstance(out, list) else [dict(out) for _ in batch]
                 for job, row in zip(batch, out_rows):
                     results.setdefault((provider, id(job)), []).append(row)
+                write_json_atomic(output, assemble(complete=False))  # a killed run still leaves its rows
 
-    rows = []
-    for job in jobs:
-        for provider in providers:
-            if (provider, id(job)) in results:
-                rows.append(pool_rows(provider, job, results[(provider, id(job))]))
-    rows += skipped_rows
-    print_table(rows)
-    ratios = speedups(rows)
-    for key, value in ratios.items():
+    result = assemble(complete=True)
+    print_table(result["rows"])
+    for key, value in result["speedups"].items():
         print(f"speedup {key}: {value:.2f}x")
-
-    result = {
-        "kind": "allegro-fast end-to-end benchmark",
-        "date": started.isoformat(timespec="seconds"),
-        **machine_info(device),
-        "commit": git_commit(), "versions": versions(),
-        "loadavg_at_start": load_at_start, "loadavg_at_end": list(os.getloadavg()),
-        "settings": {**settings, "rounds": args.rounds, "dtype": args.dtype, "providers": providers,
-                     "quick": args.quick, "isolate": args.isolate, "nequip_python": nequip_python},
-        "cases": {job["case"]: CASES[job["case"]] for job in jobs},
-        "rows": rows, "speedups": ratios,
-    }
     if cuda and not args.no_roofline and (REPO / "bench" / "roofline.py").exists():
         roofline_path = workdir / "roofline.json"
         out = run_subprocess([sys.executable, str(REPO / "bench" / "roofline.py"), "--device", "cuda",
                               "--output", str(roofline_path)], args.timeout)
         result["roofline"] = json.loads(roofline_path.read_text()) if roofline_path.exists() else out
-
-    stamp = started.astimezone().strftime("%Y-%m-%d-%H%M%S")
-    if args.output:
-        output = args.output
-    elif args.out:
-        output = args.out / "e2e.json"
-    elif (REPO / "bench" / "results").is_dir():
-        output = REPO / "bench" / "results" / f"{device}-{stamp}{'-quick' if args.quick else ''}.json"
-    else:
-        output = Path("bench-results") / f"{device}-{stamp}.json"
     write_json_atomic(output, result)
     print(f"wrote {output}")
     if args.plot and (REPO / "bench" / "plot.py").exists():

@@ -127,7 +127,7 @@ def copy_bandwidth(device) -> dict:
             "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def _triton_fma_rate(device, dtype) -> dict:
+def _triton_fma_rate(device, dtype, numel: int | None = None, iterations: int = 1024) -> dict:
     import triton
     import triton.language as tl
 
@@ -145,14 +145,16 @@ def _triton_fma_rate(device, dtype) -> dict:
             d = d * 0.9999 + 0.0001
         tl.store(out_ptr + offsets, a + b + c + d)
 
-    block, iterations = 256, 1024
-    numel = block * torch.cuda.get_device_properties(device).multi_processor_count * 64
+    block = 256
+    if numel is None:  # 64 blocks of 256 per multiprocessor: enough warps in flight to hide FMA latency
+        numel = block * torch.cuda.get_device_properties(device).multi_processor_count * 64
     x = torch.rand(numel, device=device, dtype=dtype)
     out = torch.empty_like(x)
     grid = (numel // block,)
     times = time_ms(lambda: fma_chain[grid](x, out, ITERATIONS=iterations, BLOCK=block), device)
     flops = 2 * 4 * iterations * numel
-    return {"flops_per_s": flops / (statistics.median(times) / 1000), "method": "Triton kernel, 4 x 1024 dependent FMAs per element",
+    return {"flops_per_s": flops / (statistics.median(times) / 1000),
+            "method": f"Triton kernel, 4 chains x {iterations} dependent FMAs per element, {numel} elements",
             "median_ms": statistics.median(times)}
 
 

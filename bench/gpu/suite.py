@@ -5,6 +5,7 @@ package first); directly:
 
     python bench/gpu/suite.py --out results/                 # CUDA
     python bench/gpu/suite.py --device cpu --quick --out /tmp/suite   # dry run of the same stages here
+    bash bench/gpu/run_suite.sh --only kernels e2e_models     # a second call: the stages the first had no time for
 
 Every stage runs in its own subprocess with a timeout taken from the remaining budget (--budget seconds,
 default 540, so that one device call of 10 minutes holds the install and the suite); a stage that fails or
@@ -42,8 +43,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Suite:
-    def __init__(self, work: Path, budget: float) -> None:
+    def __init__(self, work: Path, budget: float, only: list[str] | None = None) -> None:
         self.work = work
+        self.only = only
         self.deadline = time.monotonic() + budget
         self.stages: list[dict] = []
 
@@ -55,6 +57,10 @@ class Suite:
         """Run one stage with timeout min(max_seconds, remaining budget); log to work/<name>.log."""
         timeout = min(max_seconds, self.remaining() - 5)
         stage = {"stage": name, "command": " ".join(command), "timeout_s": round(max(timeout, 0), 1)}
+        if self.only and not any(name.startswith(prefix) for prefix in self.only):
+            stage.update(status="skipped", error="not selected (--only)")
+            self.stages.append(stage)
+            return stage
         if timeout < 10:
             stage.update(status="skipped", error="no time left in the budget")
             self.stages.append(stage)
@@ -168,6 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (dry run)")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
     parser.add_argument("--keep-work", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                        help="run only the stages whose names start with these, e.g. --only kernels e2e_models")
     parser.add_argument("--install-log", type=Path, default=None, help="log of run_suite.sh's install step")
     args = parser.parse_args(argv)
     import torch
@@ -176,7 +184,7 @@ def main(argv=None) -> int:
     cuda = device == "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="allegro_suite_"))
-    suite = Suite(work, args.budget)
+    suite = Suite(work, args.budget, args.only)
     python = sys.executable
     quick = ["--quick"] if args.quick else []
 
