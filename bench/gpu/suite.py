@@ -224,7 +224,7 @@ def main(argv=None) -> int:
                 python, "-m", "pytest", "bench/kernels", "-q", "-p", "no:cacheprovider", "--bench-device", device,
                 "--bench-sizes", sizes, "--bench-ops", op, "--bench-dtypes", dtype,
                 "--benchmark-max-time", "0.05", "--benchmark-min-rounds", "5", "--benchmark-columns", "median,iqr,rounds",
-                "--benchmark-json", str(work / f"{name}.json")], 90, env={"OMP_NUM_THREADS": "1"} if not cuda else None,
+                "--benchmark-json", str(work / f"{name}.json")], 150 if op == "layer" else 90, env={"OMP_NUM_THREADS": "1"} if not cuda else None,
                 outputs=(f"{name}.json",))
 
     if not args.quick:
