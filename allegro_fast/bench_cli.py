@@ -29,7 +29,7 @@ timed calls (pooled over --rounds), the per-round medians, and µs/atom/step = m
 interleave providers (their order rotates every round), so a change in machine load hits all alike.
 Memory: on CUDA the peak allocated by torch during the timed calls (torch.cuda.max_memory_allocated);
 on the CPU the peak resident set during the timed calls (VmHWM, reset before them) and ru_maxrss.
-Each provider runs in its own subprocess per round (--isolate: one per job, for a clean ru_maxrss).
+Each provider runs in its own subprocess per round, on the CPU one per job (--isolate / --no-isolate).
 
 nvtx ranges (visible in an Nsight Systems trace; no-ops without CUDA): "bench/<provider>/<case>/<task>"
 around each job, and inside a step "forward+forces" (inference), "forward+forces (create_graph)",
@@ -493,7 +493,9 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=5, help="aspirin frames per batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--isolate", action="store_true", help="one subprocess per job (clean ru_maxrss)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="one subprocess per job, for a clean peak resident set (default on the CPU; on CUDA "
+                             "one subprocess per provider, peaks reset per job)")
     parser.add_argument("--quick", action="store_true", help="dry run: ag32 + aspirin x2, 2 repeats, 1 warm-up")
     parser.add_argument("--nequip-python", default=None)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
@@ -531,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     cuda = device == "cuda"
+    isolate = (not cuda) if args.isolate is None else args.isolate
     repeats = args.repeats or (2 if args.quick else 20 if cuda else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if cuda else 2)
     batch_size = 2 if args.quick and args.batch_size == 5 else args.batch_size
@@ -588,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(), "versions": versions(),
         "loadavg_at_start": load_at_start,
         "settings": {**settings, "rounds": args.rounds, "dtype": args.dtype, "providers": providers,
-                     "quick": args.quick, "isolate": args.isolate, "nequip_python": nequip_python},
+                     "quick": args.quick, "isolate": isolate, "nequip_python": nequip_python},
         "cases": {job["case"]: CASES[job["case"]] for job in jobs},
     }
 
@@ -603,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.rounds):
         order = active[round_index % len(active):] + active[:round_index % len(active)] if active else []
         for provider in order:
-            batches = [[job] for job in runnable[provider]] if args.isolate else [runnable[provider]]
+            batches = [[job] for job in runnable[provider]] if isolate else [runnable[provider]]
             for batch in batches:
                 spec = {"provider": provider, "jobs": batch, "settings": settings}
                 spec_path = workdir / f"spec-{provider}-{round_index}-{batch[0]['case']}.json"
