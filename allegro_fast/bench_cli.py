@@ -33,7 +33,7 @@ Each provider runs in its own subprocess per round, on the CPU one per job (--is
 
 nvtx ranges (visible in an Nsight Systems trace; no-ops without CUDA): "bench/<provider>/<case>/<task>"
 around each job, and inside a step "forward+forces" (inference), "forward+forces (create_graph)",
-"loss.backward" and "optimizer.step" (train).
+"loss.backward" and "optimizer.step" (train); --emit-nvtx adds one range per autograd op, backward included.
 
 Output: one JSON (date, device, CPU/GPU model, versions, commit, load average, arguments, rows, speedups)
 written atomically to --output, or <--out>/e2e.json, or bench/results/<device>-<date>-<time>.json in a
@@ -293,7 +293,10 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     row["first_call_ms"] = 1000 * (time.perf_counter() - begin)
-    with nvtx_range(f"bench/{provider}/{job['case']}/{job['model']}/{job['task']}"):
+    # emit_nvtx names every autograd op (backward too, which runs outside the forward's ranges) in the trace
+    emit = settings.get("emit_nvtx") and device.type == "cuda"
+    with nvtx_range(f"bench/{provider}/{job['case']}/{job['model']}/{job['task']}"), (
+            torch.autograd.profiler.emit_nvtx(record_shapes=True) if emit else contextlib.nullcontext()):
         times, memory = timed_calls(step, settings["warmup"], settings["repeats"], device)
     row.update(memory)
     row["times_ms"] = times
@@ -503,6 +506,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=None, help="folder: writes <out>/e2e.json")
     parser.add_argument("--no-roofline", action="store_true", help="skip bench/roofline.py on CUDA")
     parser.add_argument("--plot", action="store_true", help="draw figures with bench/plot.py next to the JSON")
+    parser.add_argument("--emit-nvtx", action="store_true",
+                        help="CUDA: wrap the timed calls in torch.autograd.profiler.emit_nvtx (for nsys; slows them)")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -540,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     # most informative first: a run cut short by a time limit still has the main comparison
     providers = args.providers or (["torch", "triton", "nequip", "nequip-triton", "reference", "nequip-cueq"] if cuda
                                    else ["torch", "reference", "nequip"])
-    settings = {"device": device, "repeats": repeats, "warmup": warmup, "seed": args.seed,
+    settings = {"device": device, "repeats": repeats, "warmup": warmup, "seed": args.seed, "emit_nvtx": args.emit_nvtx,
                 "threads": args.threads or os.cpu_count() or 1, "batch_size": batch_size}
     nequip_python = find_nequip_python(args.nequip_python) if any(p in NEQUIP_PROVIDERS for p in providers) else None
     started = datetime.datetime.now(datetime.timezone.utc)
