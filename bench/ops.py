@@ -66,20 +66,21 @@ def triton_ops() -> dict:
     """The Triton ops that allegro_fast.kernels exposes now, by the op they implement.
 
     layer: kernels.tensor_product.environment_tensor_product (fused environment sum + channel-wise product;
-    the latent MLP and channel mixing stay torch) or a later kernels.fused_layer; edge_geometry:
-    kernels.edge_geometry once it exists.
+    the latent MLP and channel mixing stay torch, as in Allegro(backend="triton")); edge_geometry:
+    kernels.edge_geometry.edge_geometry.
     """
     found = {}
     try:
         from allegro_fast.kernels import tensor_product
-
-        from allegro_fast import kernels
     except ImportError:
         return found
     if hasattr(tensor_product, "environment_tensor_product"):
         found["layer"] = tensor_product
-    if hasattr(kernels, "edge_geometry"):
-        found["edge_geometry"] = kernels
+    try:
+        from allegro_fast.kernels.edge_geometry import edge_geometry
+    except ImportError:
+        return found
+    found["edge_geometry"] = edge_geometry
     return found
 
 
@@ -165,12 +166,10 @@ def _edge_geometry(provider, model, config, vectors, common) -> OpCase:
     frequencies = model.bessel_frequencies
 
     if provider == "triton":
-        kernels = triton_ops()["edge_geometry"]
+        edge_geometry = triton_ops()["edge_geometry"]
 
-        def fn(edge_vectors):
-            # HOOK: the lead's Triton edge-geometry op. Expected to return (bessel, envelope, harmonics);
-            # adapt the call here once its signature is fixed.
-            return tuple(kernels.edge_geometry(edge_vectors, frequencies, config.r_max, config.polynomial_p, config.l_max))
+        def fn(edge_vectors):  # (bessel (E, N_b), envelope (E,), harmonics (E, (l_max+1)^2)) in one kernel
+            return tuple(edge_geometry(edge_vectors, frequencies, config.r_max, config.polynomial_p, config.l_max))
     else:
         if provider == "reference":
             harmonics = model.spherical_harmonics
@@ -289,27 +288,30 @@ def _reference_layer_fn(model, layer, config, sh, envelope, center, num_nodes):
 
 
 def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, index):
-    """The torch layer with its environment sum and tensor product replaced by the fused Triton op
-    `kernels.tensor_product.environment_tensor_product` (A stays in registers; T is written once). The
-    first layer's V^0 = w^0 (x) Y is materialised for it (the torch backend keeps it factored).
+    """One layer of `Allegro(backend="triton")`: the torch layer with its environment sum and tensor product
+    replaced by the fused op `kernels.tensor_product.environment_tensor_product` (A stays on chip, T is
+    written once). The first layer materialises V^0 = w^0 (x) Y in the columns it reads, as the backend does.
 
-    HOOK: when the lead's `kernels.fused_layer` (with channel mixing) lands, call it here instead.
+    HOOK: when a fused layer with channel mixing (and the latent MLP) lands in allegro_fast.kernels, call it here.
     """
     kernels = triton_ops()["layer"]
     n = config.num_tensor_features
     norm = config.avg_num_neighbors ** -0.5
     description = layer.tensor_product.description
-    input_irreps = description.irreps_in1 if layer.is_first else model.input_irreps[index]
+    input_irreps = model.input_irreps[index]
     environment_key = kernels.register_form(kernels.environment_form(config.l_max))
     product_key = kernels.register_form(kernels.tensor_product_form(
         description, input_irreps, layer.tensor_product.path_columns, layer.tensor_product.output_dim))
     center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=center.device))
+    first_degrees = torch.tensor([l for l, _ in input_irreps for _ in range(2 * l + 1)], device=center.device)
+    first_columns = torch.tensor([l * l + m for l, _ in input_irreps for m in range(2 * l + 1)], device=center.device)
 
     def fn(x, features):
         num_edges = x.shape[0]
         weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
-        if layer.is_first:  # (E, l_max+1, n) w^0 -> (E, n, (l_max+1)^2) V^0
-            features = features.index_select(1, model.sh_degree).transpose(1, 2) * sh.unsqueeze(1)
+        if layer.is_first:  # (E, l_max+1, n) w^0 -> (E, n, D_in) V^0
+            features = (features.index_select(1, first_degrees).transpose(1, 2)
+                        * sh.index_select(1, first_columns).unsqueeze(1)).contiguous()
         paths, _ = kernels.environment_tensor_product(environment_key, product_key, weights, sh, features, center_ptr)
         blocks = layer.tensor_product.split(paths)
         update = layer.latent_mlp(x, layer.tensor_product.scalars(blocks)) * envelope
