@@ -9,6 +9,10 @@
 #   bash bench/gpu/fetch_wheels.sh --python 312          # only 3.12 (the GPU image's python; smaller carry)
 #   bash bench/gpu/fetch_wheels.sh --no-scipy            # scipy is ~35 MB per Python version and is on the image
 #
+# Unless --no-data, it also copies the two small datasets the end-to-end cases read (rMD17 aspirin train split,
+# 1 MB; water data_0, 0.5 MB) from ../shared/data into .wheels/data/ (git-ignored, never committed), because the
+# device tool carries only the repository: run_suite.sh points ALLEGRO_FAST_DATA there when ../shared/data is absent.
+#
 # The device tool carries at most 64 MiB with the working tree: fetch for 3.12 only, and leave out scipy where
 # the image has it (bench/gpu/run_suite.sh installs only the packages that are missing there).
 set -euo pipefail
@@ -17,11 +21,13 @@ dest=${WHEELS_DIR:-.wheels}
 pythons="311 312"
 with_scipy=1
 with_nequip=1
+with_data=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) pythons="$2"; shift 2 ;;
     --no-scipy) with_scipy=0; shift ;;
     --no-nequip) with_nequip=0; shift ;;
+    --no-data) with_data=0; shift ;;
     --dest) dest="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -45,6 +51,16 @@ done
 # antlr4-python3-runtime 4.9.3 (hydra-core's pin) is a source distribution only: build its pure-python wheel here.
 if [ "$with_nequip" = 1 ] && ! ls "$dest"/antlr4_python3_runtime-*.whl >/dev/null 2>&1; then
   $pip wheel --quiet --no-deps --wheel-dir "$dest" antlr4-python3-runtime==4.9.3
+fi
+if [ "$with_data" = 1 ]; then
+  source_data=${ALLEGRO_FAST_DATA:-../shared/data}
+  if [ -d "$source_data" ]; then
+    mkdir -p "$dest/data/rmd17" "$dest/data/water"
+    cp "$source_data/rmd17/rmd17_aspirin_train_01.npz" "$dest/data/rmd17/"
+    cp -r "$source_data/water/data_0" "$dest/data/water/"
+  else
+    echo "no dataset folder at $source_data: the aspirin and water cases will be skipped there" >&2
+  fi
 fi
 du -sh "$dest"
 ls "$dest"

@@ -23,6 +23,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$out"
+if [ -z "${ALLEGRO_FAST_DATA:-}" ] && [ ! -d ../shared/data ] && [ -d .wheels/data ]; then
+  export ALLEGRO_FAST_DATA="$PWD/.wheels/data"  # the datasets fetch_wheels.sh carried along
+fi
 log=$(mktemp /tmp/allegro_install.XXXXXX.log)  # not in $out: the device tool brings back at most 8 files
 {
   echo "+ python: $($python -c 'import sys; print(sys.version)')"

@@ -131,6 +131,8 @@ def environment(device: str) -> dict:
     except OSError:
         info["commit"] = None
     info["device"] = device
+    info["data_dir"] = os.environ.get("ALLEGRO_FAST_DATA") or str(REPO.parent / "shared" / "data")
+    info["data_found"] = Path(info["data_dir"]).is_dir()
     return info
 
 
