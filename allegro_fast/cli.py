@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="no data needed: EMT-labelled Ag with a vacancy, train, evaluate, MD")
     demo.add_argument("--minutes", type=float, default=2.0, help="training time budget (default 2)")
     demo.add_argument("--workdir", default="allegro-fast-demo", help="output folder (default ./allegro-fast-demo)")
-    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default 2, or 1 when the load average shows the cores are busy)")
     demo.add_argument("--frames", type=int, default=300, help="EMT frames to generate (default 300)")
     demo.add_argument("--md-steps", type=int, default=500, help="NVE MD steps with the trained model (default 500)")
     demo.add_argument("--seed", type=int, default=0)

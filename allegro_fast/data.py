@@ -312,7 +312,7 @@ def collate(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
 class Batch:
     """Several structures and their labels, on one device in one float dtype.
 
-    energy (B,) eV; forces (N, 3) eV/Å; stress (B, 3, 3) eV/Å^3 (zeros where absent); has_stress (B,) bool;
+    energy (B,) eV, always float64 (see training.loss_sums); forces (N, 3) eV/Å; stress (B, 3, 3) eV/Å^3 (zeros where absent); has_stress (B,) bool;
     species (N,) atomic numbers (the graph's).
     """
 
@@ -378,7 +378,7 @@ class LabelledDataset:
         stresses = [self.stresses[i] for i in indices]
         return Batch(
             graph=graph,
-            energy=tensor([self.energies[i] for i in indices]),
+            energy=torch.tensor([self.energies[i] for i in indices], dtype=torch.float64, device=self.device),
             forces=tensor(np.concatenate([self.forces[i] for i in indices])),
             stress=tensor(np.stack([s if s is not None else np.zeros((3, 3)) for s in stresses])),
             has_stress=torch.tensor([s is not None for s in stresses], device=self.device),

@@ -142,7 +142,7 @@ def predict(model, frames: Sequence[Atoms] | LabelledDataset, batch_size: int = 
             periodic = bool(batch.graph.pbc.any())
             out = model(batch.graph, compute_forces=True, compute_stress=compute_stress and periodic,
                         create_graph=False)
-            parts["ep"].append(out["energy"].detach())
+            parts["ep"].append(out["energy"].detach().double())
             parts["er"].append(batch.energy)
             parts["n"].append(batch.graph.num_atoms)
             parts["fp"].append(out["forces"].detach())

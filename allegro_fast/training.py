@@ -82,9 +82,11 @@ class TrainResult:
 # ----------------------------------------------------------------------------------
 def loss_sums(out: dict, batch, need_stress: bool) -> dict[str, torch.Tensor]:
     """Unnormalised squared-error sums of a batch: energy per atom, force components, stress components."""
-    natoms = batch.graph.num_atoms.to(out["energy"].dtype)
+    # Energy labels stay float64 (batch.energy): a float32 label of a large total energy (e.g. -17,000 eV for
+    # aspirin) would be rounded by up to 1 meV before the difference is taken.
+    energy_error = out["energy"].to(batch.energy.dtype) - batch.energy
     sums = {
-        "energy": ((out["energy"] - batch.energy) / natoms).pow(2).sum(),
+        "energy": (energy_error / batch.graph.num_atoms.to(energy_error.dtype)).pow(2).sum(),
         "forces": (out["forces"] - batch.forces).pow(2).sum(),
     }
     if need_stress and "stress" in out:
@@ -240,8 +242,11 @@ class Trainer:
             self._resume()
         elif self.dist.is_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            # Starting over: remove what an earlier run left, so that nothing stale is resumed or reported.
+            for name in ("checkpoint.pt", "model.pt", "metrics.jsonl", "test_metrics.json", "learning_curve.png",
+                         "parity.png"):
+                (self.workdir / name).unlink(missing_ok=True)
             _atomic_write_text(config.to_yaml(), self.workdir / "config.yaml")
-            self.metrics_path.unlink(missing_ok=True)
         self.dist.barrier()
 
     # -- setup ---------------------------------------------------------------------
@@ -414,7 +419,7 @@ class Trainer:
                 if "stress" in parts and num_stress > 0:
                     loss = loss + settings.stress_weight * parts["stress"] / (9 * num_stress)
                 loss.backward()
-                sums.add(out["energy"].detach() - batch.energy, batch.graph.num_atoms,
+                sums.add(out["energy"].detach().double() - batch.energy, batch.graph.num_atoms,
                          out["forces"].detach() - batch.forces, batch.graph.atomic_numbers)
                 local_loss = loss.detach()
             else:
@@ -479,7 +484,7 @@ class Trainer:
             stress_error = None
             if "stress" in out:
                 stress_error = (out["stress"].detach() - batch.stress)[batch.has_stress]
-            sums.add(out["energy"].detach() - batch.energy, batch.graph.num_atoms,
+            sums.add(out["energy"].detach().double() - batch.energy, batch.graph.num_atoms,
                      out["forces"].detach() - batch.forces, batch.graph.atomic_numbers, stress_error)
         sums.values = self.dist.all_sum(sums.values)
         metrics = sums.metrics()
