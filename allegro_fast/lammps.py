@@ -313,4 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, not __main__: pickle names classes by module, and LAMMPS must
+    # find allegro_fast.lammps.AllegroMLIAPUnified, not __main__.AllegroMLIAPUnified.
+    from allegro_fast.lammps import main as package_main
+
+    sys.exit(package_main())

