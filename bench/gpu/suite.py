@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
     e2e = [python, "-m", "allegro_fast.bench_cli", "--device", device, "--no-roofline", "--timeout", "150"]
     if args.quick:
-        suite.run("e2e_default", [*e2e, *quick, "--no-isolate", "--output", str(work / "e2e-default.json")], 240,
+        suite.run("e2e_default", [*e2e, *quick, "--no-isolate", "--threads", "1", "--output", str(work / "e2e-default.json")], 240,
                   outputs=("e2e-default.json",))
     else:
         repeats = ["--repeats", "10", "--warmup", "3"] if cuda else []
