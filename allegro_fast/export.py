@@ -1,0 +1,341 @@
+"""torch.compile, torch.export and AOTInductor packages of an Allegro model.
+
+All three go through `ForceField`, a module that takes plain tensors and returns plain tensors, with the
+force and stress derivatives (autograd) inside, so that the whole computation is one traceable graph:
+
+    forward(positions (N, 3) float, cell (B, 3, 3) float, atomic_numbers (N,) int64,
+            edge_index (2, E) int64, edge_shift (E, 3) int64, batch (N,) int64)
+      -> {"energy": (B,), "atomic_energy": (N,), "forces": (N, 3), "stress": (B, 3, 3), "virial": (B, 3, 3)}
+
+with graph.py's conventions (edges sorted by center; r_ij = r_j - r_i + S_ij @ cell[batch[i]]), forces
+-dE/dr in eV/Å, stress (1/V) dE/d(strain) in eV/Å^3 (zero where the cell has no volume) and virial
+-dE/d(strain) in eV. `graph_inputs(graph)` gives these tensors for an AtomicGraph. Inputs are not
+validated (atomic numbers outside the model's type_names give wrong results, not errors): build them with
+AtomicGraph, which checks everything. Outputs are detached: these are for inference (MD, deployment);
+training uses the eager model, whose forces can be differentiated again.
+
+What works where (torch 2.13, CPU; see the tests and the lead's README for timings):
+
+* `compile_model(model)`: torch.compile(fullgraph=True, dynamic=True) of ForceField. Dynamo only traces
+  torch.autograd.grad with ``torch._dynamo.config.trace_autograd_ops=True``, which the returned module
+  sets while it runs; outputs must not carry requires_grad (hence detached). One compiled program serves
+  any number of atoms and edges; a new number of structures B specializes (B = 1 is always special).
+* `export_model(model, example_graph, path)`: torch.export in non-strict mode (the default): autograd runs
+  while tracing, so the exported graph holds the forward and the backward as aten ops. Strict mode fails
+  (Dynamo without trace_autograd_ops). Saved with torch.export.save to a .pt2 file; `load_exported(path)`.
+* `package_model(model, example_graph, path)`: AOTInductor (`torch._inductor.aoti_compile_and_package`)
+  compiles the exported program to a shared library inside a .pt2 package, loadable from Python
+  (`load_package`) or C++ without Python. Needs a C++ compiler at package time.
+
+Number of atoms N and edges E are dynamic in exported programs, the number of structures B is fixed to the
+example's (1 for MD). The Allegro torch backend's edge chunking (a Python loop over chunk sizes computed
+from E) cannot be traced with symbolic E, so ForceField runs the model on one chunk, and it reads the atom
+count from shapes instead of `AtomicGraph.num_nodes` (which calls int() and would specialize N).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import torch
+from torch import nn
+
+from .graph import AtomicGraph
+from .potential import AllegroPotential
+
+__all__ = [
+    "OUTPUT_KEYS",
+    "CompiledForceField",
+    "ForceField",
+    "compile_model",
+    "export_model",
+    "graph_inputs",
+    "load_exported",
+    "load_package",
+    "package_model",
+]
+
+OUTPUT_KEYS = ("energy", "atomic_energy", "forces", "stress", "virial")
+INPUT_NAMES = ("positions", "cell", "atomic_numbers", "edge_index", "edge_shift", "batch")
+# Strings stored with exported programs and packages (see _metadata)
+METADATA_KEYS = ("allegro_fast_config", "r_max", "type_names", "dtype", "inputs", "outputs")
+
+
+class _TracedGraph(AtomicGraph):
+    """An AtomicGraph whose atom count stays symbolic under tracing (num_nodes without int())."""
+
+    @property
+    def num_nodes(self):
+        return self.positions.shape[0]
+
+
+def _one_chunk(num_edges):
+    return [num_edges]
+
+
+def _traceable_copy(model: AllegroPotential) -> AllegroPotential:
+    """A shallow copy sharing parameters and buffers with ``model``, that processes all edges in one chunk."""
+    traceable = copy.copy(model)
+    if hasattr(model, "_chunk_sizes"):
+        object.__setattr__(traceable, "_chunk_sizes", _one_chunk)
+    return traceable
+
+
+def graph_inputs(graph: AtomicGraph, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """(positions, cell, atomic_numbers, edge_index, edge_shift, batch) of a graph, floats in ``dtype``."""
+    return (
+        graph.positions.to(dtype) if dtype is not None else graph.positions,
+        graph.cell.to(dtype) if dtype is not None else graph.cell,
+        graph.atomic_numbers,
+        graph.edge_index,
+        graph.edge_shift,
+        graph.batch,
+    )
+
+
+class ForceField(nn.Module):
+    """Energy, per-atom energy, forces, stress and virial of plain tensors (see the module docstring).
+
+    Shares its parameters with ``model``; computes in the model's dtype.
+    """
+
+    def __init__(self, model: AllegroPotential) -> None:
+        super().__init__()
+        self.model = _traceable_copy(model)
+        self.r_max = float(model.config.r_max)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_shift: torch.Tensor,
+        batch: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        model = self.model
+        dtype = model.dtype
+        num_structures = cell.shape[0]
+        with torch.enable_grad():
+            positions = positions.detach().to(dtype).requires_grad_(True)
+            cell = cell.detach().to(dtype)
+            strain = torch.zeros_like(cell).requires_grad_(True)
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            strained_positions = positions + torch.bmm(positions.unsqueeze(1), symmetric[batch]).squeeze(1)
+            strained_cell = cell + torch.bmm(cell, symmetric)
+            # CSR row pointers of the edges (sorted by center), for backends that need them
+            atom_range = torch.arange(positions.shape[0] + 1, device=positions.device, dtype=edge_index.dtype)
+            center_ptr = torch.searchsorted(edge_index[0].contiguous(), atom_range)
+            graph = _TracedGraph(
+                positions=strained_positions, atomic_numbers=atomic_numbers, edge_index=edge_index,
+                edge_shift=edge_shift, cell=strained_cell, pbc=torch.ones_like(cell[:, 0], dtype=torch.bool),
+                batch=batch, num_atoms=torch.zeros_like(cell[:, 0, 0], dtype=torch.int64), center_ptr=center_ptr,
+                r_max=self.r_max,
+            )
+            species = model.type_of_atomic_number[atomic_numbers]
+            edge_vectors = graph.edge_vectors(strained_positions, strained_cell)
+            atomic_energy = model.atomic_energies(edge_vectors, species, graph)
+            energy = torch.zeros(num_structures, dtype=dtype, device=atomic_energy.device)
+            energy = energy.index_add(0, batch, atomic_energy)
+            position_grad, strain_grad = torch.autograd.grad(energy.sum(), [positions, strain])
+        # |a . (b x c)|: elementwise, unlike linalg.det, which AOTInductor has no C shim for
+        volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=-1)).sum(-1).abs()
+        has_volume = (volume > 0).view(-1, 1, 1)
+        stress = strain_grad / torch.where(volume > 0, volume, torch.ones_like(volume)).view(-1, 1, 1)
+        return {
+            "energy": energy.detach(),
+            "atomic_energy": atomic_energy.detach(),
+            "forces": -position_grad.detach(),
+            "stress": torch.where(has_volume, stress, torch.zeros_like(stress)).detach(),
+            "virial": -strain_grad.detach(),
+        }
+
+    def evaluate(self, graph: AtomicGraph) -> dict[str, torch.Tensor]:
+        """Run on an AtomicGraph (its float tensors cast to the model's dtype)."""
+        return self(*graph_inputs(graph))
+
+
+class CompiledForceField(nn.Module):
+    """torch.compile'd ForceField; call it with an AtomicGraph or with the six tensors."""
+
+    def __init__(self, force_field: ForceField, compiled) -> None:
+        super().__init__()
+        self.force_field = force_field
+        self._compiled = compiled
+
+    def forward(self, *inputs) -> dict[str, torch.Tensor]:
+        if len(inputs) == 1 and isinstance(inputs[0], AtomicGraph):
+            inputs = graph_inputs(inputs[0])
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return self._compiled(*inputs)
+
+
+def compile_model(
+    model: AllegroPotential,
+    *,
+    dynamic: bool | None = True,
+    fullgraph: bool = True,
+    backend: str = "inductor",
+    mode: str | None = None,
+    options: dict | None = None,
+) -> CompiledForceField:
+    """torch.compile of ``ForceField(model)``. Compilation happens at the first call (and again for a new
+    number of structures, or for new sizes when dynamic=False). ``backend``, ``mode`` and ``options`` go
+    to torch.compile (e.g. backend="aot_eager" traces without code generation)."""
+    force_field = ForceField(model.eval())
+    compiled = torch.compile(force_field, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode,
+                             options=options)
+    return CompiledForceField(force_field, compiled)
+
+
+def _dynamic_shapes():
+    """Numbers of atoms and edges dynamic; the number of structures (cell's first dimension) fixed."""
+    num_atoms = torch.export.Dim("num_atoms", min=1)
+    num_edges = torch.export.Dim("num_edges", min=0)
+    # positions, cell, atomic_numbers, edge_index, edge_shift, batch
+    return ({0: num_atoms}, None, {0: num_atoms}, {1: num_edges}, {0: num_edges}, {0: num_atoms})
+
+
+def _metadata(model: AllegroPotential) -> dict[str, str]:
+    config = model.config
+    return {  # keys: METADATA_KEYS
+        "allegro_fast_config": json.dumps(config.to_dict()),
+        "r_max": repr(float(config.r_max)),
+        "type_names": json.dumps(list(config.type_names)),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "inputs": json.dumps(list(INPUT_NAMES)),
+        "outputs": json.dumps(list(OUTPUT_KEYS)),
+    }
+
+
+def _views_to_reshapes(graph_module: torch.fx.GraphModule) -> None:
+    """Replace aten.view by aten.reshape where nothing is mutated in place through either side.
+
+    make_fx records reshape as view when the traced tensor happened to be contiguous; a later retrace (by
+    AOTInductor, whose decompositions give e.g. cat other strides) then fails with "Cannot view a tensor
+    ...". reshape is the same function without that assumption.
+    """
+    views = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+    mutated = set()
+    for node in graph_module.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable and node.args:
+            mutated.add(node.args[0])
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in views and node not in mutated and node.args[0] not in mutated:
+            node.target = torch.ops.aten.reshape.default
+    graph_module.recompile()
+
+
+def export_program(model: AllegroPotential, example_graph: AtomicGraph) -> torch.export.ExportedProgram:
+    """torch.export of ForceField(model), dynamic in the numbers of atoms and edges.
+
+    Two steps, because torch.export (2.13, non-strict) cannot trace torch.autograd.grad through ops that
+    save their output for the backward (sqrt, norm, ...): it lifts the saved tensors as constants holding
+    fake values (pytorch/pytorch#146719). make_fx with symbolic shapes traces the forward and the backward
+    into one aten graph with the weights as constants; torch.export of that graph then has nothing left
+    to differentiate. The example must have at least 2 atoms and 2 edges (sizes 0 and 1 are specialized
+    by tracing).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if example_graph.num_nodes < 2 or example_graph.num_edges < 2:
+        raise ValueError(
+            f"export: the example graph needs at least 2 atoms and 2 edges (sizes 0 and 1 are specialized "
+            f"while tracing), got {example_graph.num_nodes} atoms and {example_graph.num_edges} edges"
+        )
+    force_field = ForceField(model.eval())
+    example = graph_inputs(example_graph, model.dtype)
+    traced = make_fx(force_field, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+    for node in traced.graph.find_nodes(op="get_attr"):  # weights: constants of an inference program
+        value = getattr(traced, node.target)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            delattr(traced, node.target)
+            setattr(traced, node.target, value.detach())
+    _views_to_reshapes(traced)
+    return torch.export.export(traced, example, dynamic_shapes=_dynamic_shapes(), strict=False)
+
+
+def _atomic_target(path) -> tuple[str, str]:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}.pt2")
+    return path, temporary
+
+
+def export_model(model: AllegroPotential, example_graph: AtomicGraph, path: str | os.PathLike) -> str:
+    """Export to a .pt2 file (torch.export.save, atomic write); the model's config and the input/output
+    names go into its extra files. Returns the path."""
+    program = export_program(model, example_graph)
+    path, temporary = _atomic_target(path)
+    try:
+        torch.export.save(program, temporary, extra_files=_metadata(model))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+@dataclasses.dataclass
+class LoadedProgram:
+    """A loaded exported or AOTInductor-compiled ForceField: call with the six tensors or an AtomicGraph."""
+
+    runner: object
+    metadata: dict[str, str]
+
+    @property
+    def r_max(self) -> float:
+        return float(self.metadata["r_max"])
+
+    @property
+    def type_names(self) -> list[str]:
+        return json.loads(self.metadata["type_names"])
+
+    def __call__(self, *inputs) -> dict[str, torch.Tensor]:
+        if len(inputs) == 1 and isinstance(inputs[0], AtomicGraph):
+            dtype = getattr(torch, self.metadata.get("dtype", "float64"))
+            inputs = graph_inputs(inputs[0], dtype)
+        return self.runner(*inputs)
+
+
+def load_exported(path: str | os.PathLike) -> LoadedProgram:
+    """Load a file written by export_model; returns a callable."""
+    extra_files = dict.fromkeys(METADATA_KEYS, "")
+    program = torch.export.load(os.fspath(path), extra_files=extra_files)
+    return LoadedProgram(runner=program.module(), metadata=extra_files)
+
+
+def package_model(
+    model: AllegroPotential,
+    example_graph: AtomicGraph,
+    path: str | os.PathLike,
+    *,
+    inductor_configs: dict | None = None,
+) -> str:
+    """AOTInductor package (.pt2) of the exported ForceField: a compiled shared library plus weights, loadable
+    without Python (torch::inductor::AOTIModelPackageLoader) or with `load_package`. Atomic write."""
+    from torch._inductor import aoti_compile_and_package
+
+    program = export_program(model, example_graph)
+    configs = {"aot_inductor.metadata": _metadata(model)}
+    configs.update(inductor_configs or {})
+    path, temporary = _atomic_target(path)
+    try:
+        aoti_compile_and_package(program, package_path=temporary, inductor_configs=configs)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def load_package(path: str | os.PathLike) -> LoadedProgram:
+    """Load an AOTInductor package written by package_model; returns a callable."""
+    from torch._inductor import aoti_load_package
+
+    runner = aoti_load_package(os.fspath(path))
+    return LoadedProgram(runner=runner, metadata=dict(runner.get_metadata()))

@@ -1,0 +1,127 @@
+"""ForceField (plain tensors in and out), torch.compile, torch.export and AOTInductor packages: parity with
+the eager model, one program for systems of different sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from ase import Atoms
+from conftest import ethanol, lonely_and_pair, periodic_cho, small_config
+
+import allegro_fast as af
+from allegro_fast.export import (
+    OUTPUT_KEYS,
+    ForceField,
+    compile_model,
+    export_model,
+    graph_inputs,
+    load_exported,
+    load_package,
+    package_model,
+)
+from allegro_fast.testing import TOLERANCE, assert_close
+
+
+def tiny_model(dtype: torch.dtype) -> af.Allegro:
+    """One layer, l_max 1: few kernels, so that code generation stays short."""
+    torch.manual_seed(0)
+    return af.Allegro(small_config(num_layers=1, l_max=1)).to(dtype)
+
+
+def graphs(r_max: float) -> list[af.AtomicGraph]:
+    """Systems of different sizes: periodic (7 atoms), a molecule (9), atoms with 0 and 1 neighbours, a batch."""
+    return [
+        af.AtomicGraph.from_ase(periodic_cho(2), r_max=r_max),
+        af.AtomicGraph.from_ase(ethanol(3), r_max=r_max),
+        af.AtomicGraph.from_ase(lonely_and_pair(), r_max=r_max),
+    ]
+
+
+def assert_matches_model(out: dict, model, graph: af.AtomicGraph, label: str) -> None:
+    expected = model(graph, compute_stress=True, create_graph=False)
+    tolerance = TOLERANCE[model.dtype]
+    for key in ("energy", "atomic_energy", "forces", "stress"):
+        assert out[key].dtype == model.dtype, f"{label}: {key} dtype"
+        assert_close(out[key], expected[key].detach(), f"{label}: {key}", tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_force_field_matches_the_model(dtype):
+    torch.manual_seed(0)
+    model = af.Allegro(small_config()).to(dtype)
+    force_field = ForceField(model)
+    batch = af.AtomicGraph.from_ase([ethanol(1), periodic_cho(2), lonely_and_pair()], r_max=model.config.r_max)
+    for graph in [*graphs(model.config.r_max), batch]:
+        out = force_field(*graph_inputs(graph))
+        assert set(out) == set(OUTPUT_KEYS)
+        assert all(not value.requires_grad for value in out.values())
+        assert_matches_model(out, model, graph, f"ForceField, {graph.num_nodes} atoms")
+        volume = torch.linalg.det(graph.cell.to(dtype)).abs()
+        periodic = volume > 0  # molecules have a virial but no stress
+        assert_close(out["virial"][periodic], -out["stress"][periodic] * volume[periodic].view(-1, 1, 1),
+                     "virial = -stress * volume", TOLERANCE[dtype])
+    # it shares the model's weights (and does not change how the model itself runs)
+    with torch.no_grad():
+        model.readout_mlp.layer0.weight.mul_(2.0)
+    assert_matches_model(force_field.evaluate(batch), model, batch, "after a weight update")
+    assert "_chunk_sizes" not in vars(model)
+
+
+@pytest.mark.slow
+def test_compile_traces_one_graph_for_all_sizes():
+    """backend="aot_eager": Dynamo + AOTAutograd tracing without code generation (quicker than inductor)."""
+    model = tiny_model(torch.float32)
+    compiled = compile_model(model, backend="aot_eager")
+    first, *others = graphs(model.config.r_max)
+    assert_matches_model(compiled(first), model, first, "compiled, first call")
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for graph in others:
+            assert_matches_model(compiled(graph), model, graph, f"compiled, {graph.num_nodes} atoms")
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager():
+    """Inductor guards on a lower bound of the edge count (26 edges for this model; a graph with fewer edges
+    compiles again), so both graphs here have more."""
+    model = tiny_model(torch.float64)
+    compiled = compile_model(model)
+    periodic, molecule, _ = graphs(model.config.r_max)
+    assert_matches_model(compiled(periodic), model, periodic, "inductor, first call")
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert_matches_model(compiled(*graph_inputs(molecule)), model, molecule, "inductor, another molecule")
+
+
+@pytest.mark.slow
+def test_export_round_trip(tmp_path):
+    model = tiny_model(torch.float64)
+    example, *others = graphs(model.config.r_max)
+    path = export_model(model, example, tmp_path / "model.pt2")
+    loaded = load_exported(path)
+    assert loaded.r_max == model.config.r_max and loaded.type_names == list(model.config.type_names)
+    assert af.AllegroConfig.from_dict(json.loads(loaded.metadata["allegro_fast_config"])) == model.config
+    isolated = af.AtomicGraph.from_ase(Atoms("O", positions=[[0.0, 0.0, 0.0]]), r_max=model.config.r_max)
+    for graph in [example, *others, isolated]:
+        assert_matches_model(loaded(graph), model, graph, f"exported, {graph.num_nodes} atoms")
+
+
+def test_export_needs_an_example_with_two_atoms_and_two_edges(tmp_path):
+    model = tiny_model(torch.float64)
+    isolated = af.AtomicGraph.from_ase(Atoms("O", positions=[[0.0, 0.0, 0.0]]), r_max=model.config.r_max)
+    with pytest.raises(ValueError, match="at least 2 atoms and 2 edges"):
+        export_model(model, isolated, tmp_path / "model.pt2")
+    assert not (tmp_path / "model.pt2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="AOTInductor needs a C++ compiler")
+def test_aoti_package_round_trip(tmp_path):
+    model = tiny_model(torch.float64)
+    example, *others = graphs(model.config.r_max)
+    path = package_model(model, example, tmp_path / "model.pt2")
+    loaded = load_package(path)
+    assert loaded.r_max == model.config.r_max and loaded.type_names == list(model.config.type_names)
+    for graph in [example, *others]:
+        assert_matches_model(loaded(graph), model, graph, f"AOTInductor package, {graph.num_nodes} atoms")
