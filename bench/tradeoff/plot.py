@@ -48,11 +48,12 @@ def plot(result: dict, path: Path, cost: str) -> list[tuple[float, float, str]]:
     points = [(cost_of(row, cost), row["test"]["force_mae_meV_per_A"], row["name"]) for row in rows]
     front = pareto_front(points)
     figure, axis = plt.subplots(figsize=(7.5, 5))
-    for row, (x, y, name) in zip(rows, points):
+    for index, (row, (x, y, name)) in enumerate(zip(sorted(rows, key=lambda r: cost_of(r, cost)), sorted(points))):
         on_front = any(name == f[2] for f in front)
         axis.scatter([x], [y], s=40, color="tab:red" if on_front else "tab:blue", zorder=3)
-        axis.annotate(f"{name}\n{describe(row)}, {row['epochs']} ep", (x, y), textcoords="offset points",
-                      xytext=(5, 4), fontsize=7)
+        # Neighbours in cost alternate above and below their marker so that labels do not overlap.
+        axis.annotate(f"{name} ({row['epochs']} ep)", (x, y), textcoords="offset points",
+                      xytext=(5, -11 if index % 2 == 0 else 5), fontsize=8)
     if front:
         axis.plot([f[0] for f in front], [f[1] for f in front], color="tab:red", linewidth=1, label="Pareto front")
     axis.set_xscale("log")
@@ -68,7 +69,10 @@ def plot(result: dict, path: Path, cost: str) -> list[tuple[float, float, str]]:
                    f"{result['concurrent_trainings']} trainings at once, 1 thread each, mean load "
                    f"{load:.1f} on {result['machine']['cpu_count']} cores", fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
+    sizes = "\n".join(f"{row['name']}: {describe(row)}" for row in rows)
+    axis.text(0.99, 0.02, sizes, transform=axis.transAxes, fontsize=7, ha="right", va="bottom", family="monospace",
+              bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    axis.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     temporary = path.with_name(path.stem + ".tmp.png")
     figure.savefig(temporary, dpi=120)
