@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 from ase import Atoms
-
 from common import NEQUIP_PYTHON, error_metrics, single_thread_env, write_extxyz
 
 HERE = Path(__file__).resolve().parent
