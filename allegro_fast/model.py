@@ -22,7 +22,12 @@ from .graph import AtomicGraph
 from .potential import AllegroPotential
 from .radial import bessel_basis, polynomial_envelope
 from .tensor_product import LayerTensorProduct, describe_layers
-from .torch_ops import ChannelMixing, CompactTensorProduct, RankOneTensorProduct, ScalarPathsProduct
+from .torch_ops import (
+    ChannelMixing,
+    CompactTensorProduct,
+    RankOneTensorProduct,
+    ScalarPathsProduct,
+)
 
 BACKENDS = ("torch", "triton")
 

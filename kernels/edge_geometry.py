@@ -19,9 +19,8 @@ functions with torch autograd from `edge_geometry_ref`: cheap per-edge work next
 
 from __future__ import annotations
 
-import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ def _monomials(degree: int) -> list[tuple[int, int, int]]:
     return [(a, b, degree - a - b) for a in range(degree, -1, -1) for b in range(degree - a, -1, -1)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def harmonic_polynomials(l_max: int) -> tuple[tuple[tuple[tuple[int, int, int], float], ...], ...]:
     """Per spherical-harmonic column (l, m), its monomials x^a y^b z^c of the unit vector with coefficients."""
     from e3nn.o3 import spherical_harmonics

@@ -36,8 +36,8 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,6 @@ import torch
 from allegro_fast.tensor_product import LayerTensorProduct, irrep_offsets
 
 from ._common import ensure_triton_device, nvtx_range
-
 
 # --------------------------------------------------------------------------------------------------
 # The forms (data) and the plain-torch reference of every slot
