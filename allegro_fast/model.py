@@ -8,7 +8,8 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
 - channel mixing keeps only the irreps the next layer uses;
 - the environment sum is one index_add over edges sorted by center (segment_reduce has no double
   backward); after it, edges are processed in cache-sized chunks.
-backend="triton": the fused kernels (see `allegro_fast.kernels`).
+backend="triton": the same layers, with the edge geometry and the environment sum + tensor product of each layer
+in Triton kernels (`allegro_fast.kernels`); channel mixing and the MLPs stay torch matmuls.
 """
 
 from __future__ import annotations
