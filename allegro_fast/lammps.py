@@ -131,7 +131,8 @@ def evaluate_pairs(
         )
     species = species.clamp(min=0)
 
-    # Sort pairs by center (LAMMPS already groups them; the stable sort is a no-op then).
+    # Edges sorted by center (CSR order). LAMMPS hands the pairs grouped by center in its list order, which is
+    # ascending for its standard lists; sort (stably) only when they are not.
     order = None
     if centers.numel() > 1 and bool((centers[1:] < centers[:-1]).any()):
         order = torch.argsort(centers, stable=True)

@@ -1,7 +1,7 @@
 """MD speed of one Allegro model in LAMMPS (ML-IAP unified, 1 and 2 MPI ranks) against our ASE path.
 
     python bench/lammps_speed.py                        # writes bench/results/lammps-<date>-<time>.json
-    python bench/lammps_speed.py --repeat 4 --steps 40 --dtype float64 --ranks 1 2
+    python bench/lammps_speed.py --repeat 4 --steps 20 --rounds 3 --dtype float64 --ranks 1 2
 
 Case (DESIGN section 6): fcc Ag, a = 4.09 Å, cubic cell replicated `repeat` times per axis (4: 256 atoms),
 rattled 0.05 Å with seed 0; the default model (2 layers, l_max 2, 64 scalar / 16 tensor features,
@@ -13,7 +13,10 @@ Providers, each in its own fresh process(es):
   lammps   `pair_style mliap unified` under mpiexec with 1 and 2 ranks, one torch thread per rank
            (LAMMPS's own neighbour list, skin 2 Å, rebuilt when needed).
 Timing: a few warm-up steps, then `steps` timed steps (LAMMPS: `run N pre no post no` between MPI
-barriers). Reported: steps/s and µs/atom/step = wall / (steps * atoms). The energy of the starting
+barriers), each provider `rounds` times, interleaved. Reported per run and as the median over rounds:
+steps/s and µs/atom/step = wall / (steps * atoms); and steps per CPU second of the busiest rank
+(process time, all threads of the rank): with one thread per rank, about the wall rate a core per rank
+and no other load would give; far less disturbed by a shared machine than the wall rate. The energy of the starting
 structure from each provider is recorded as a check that they run the same function.
 On a shared 2-core machine the absolute numbers vary with the load (recorded as loadavg); compare rows of
 one file.
@@ -26,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,10 +88,11 @@ def ase_worker(job: dict) -> dict:
     MaxwellBoltzmannDistribution(atoms, temperature_K=TEMPERATURE_K, rng=np.random.default_rng(1))
     dynamics = VelocityVerlet(atoms, timestep=TIMESTEP_FS * units.fs)
     dynamics.run(WARMUP_STEPS)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     dynamics.run(job["steps"])
-    seconds = time.perf_counter() - start
-    return {"initial_energy": initial_energy, "seconds": seconds, "ranks": 1, "threads": torch.get_num_threads()}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"initial_energy": initial_energy, "seconds": seconds, "cpu_seconds_max_rank": cpu_seconds,
+            "cpu_seconds_all_ranks": cpu_seconds, "ranks": 1, "threads": torch.get_num_threads()}
 
 
 def lammps_worker(job: dict) -> dict:
@@ -124,12 +129,16 @@ def lammps_worker(job: dict) -> dict:
     """)
     from mpi4py import MPI
 
-    MPI.COMM_WORLD.Barrier()
-    start = time.perf_counter()
+    world = MPI.COMM_WORLD
+    world.Barrier()
+    start, cpu_start = time.perf_counter(), time.process_time()
     lmp.command(f"run {job['steps']} pre no post no")
-    MPI.COMM_WORLD.Barrier()
+    cpu_seconds = time.process_time() - cpu_start
+    world.Barrier()
     seconds = time.perf_counter() - start
-    result = {"initial_energy": initial_energy, "seconds": seconds, "ranks": lmp.extract_setting("world_size"),
+    result = {"initial_energy": initial_energy, "seconds": seconds,
+              "cpu_seconds_max_rank": world.allreduce(cpu_seconds, op=MPI.MAX),
+              "cpu_seconds_all_ranks": world.allreduce(cpu_seconds, op=MPI.SUM), "ranks": lmp.extract_setting("world_size"),
               "threads": torch.get_num_threads(), "lammps_version": lmp.version(),
               "rank": lmp.extract_setting("world_rank")}
     lmp.close()
@@ -169,6 +178,8 @@ def run_provider(kind: str, job: dict, folder: Path, ranks: int, threads: int) -
     return {"provider": kind, "ranks": ranks, "threads_per_rank": threads, "steps": steps, "num_atoms": num_atoms,
             "dtype": job["dtype"], "seconds": result["seconds"], "steps_per_s": steps / result["seconds"],
             "us_per_atom_step": 1e6 * result["seconds"] / (steps * num_atoms),
+            "cpu_seconds_max_rank": result["cpu_seconds_max_rank"], "cpu_seconds_all_ranks": result["cpu_seconds_all_ranks"],
+            "steps_per_cpu_s_max_rank": steps / result["cpu_seconds_max_rank"],
             "initial_energy_eV": result["initial_energy"], "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), **({"lammps_version": result["lammps_version"]} if kind == "lammps" else {})}
 
@@ -181,10 +192,11 @@ def git_commit() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=4, help="fcc cubic cells per axis (4: 256 atoms)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ase-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every provider")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -199,13 +211,22 @@ def main(argv=None) -> None:
         case = build_model(args.repeat, args.dtype, folder)
         job = {"repeat": args.repeat, "steps": args.steps, "dtype": args.dtype, "num_atoms": case["num_atoms"],
                "model_pt": str(folder / "model.pt"), "model_pkl": str(folder / "model.mliap.pkl")}
+        providers = [("ase", 1, threads) for threads in args.ase_threads] + [("lammps", ranks, 1) for ranks in args.ranks]
         rows = []
-        for threads in args.ase_threads:
-            rows.append(run_provider("ase", job, folder, 1, threads))
-            print(json.dumps(rows[-1]), flush=True)
-        for ranks in args.ranks:
-            rows.append(run_provider("lammps", job, folder, ranks, 1))
-            print(json.dumps(rows[-1]), flush=True)
+        for round_index in range(args.rounds):  # interleaved, so that a change in the machine's load hits all
+            for kind, ranks, threads in providers:
+                rows.append({"round": round_index, **run_provider(kind, job, folder, ranks, threads)})
+                print(json.dumps(rows[-1]), flush=True)
+    summary = []
+    for kind, ranks, threads in providers:
+        mine = [r for r in rows if (r["provider"], r["ranks"], r["threads_per_rank"]) == (kind, ranks, threads)]
+        steps_per_s = statistics.median(r["steps_per_s"] for r in mine)
+        summary.append({"provider": kind, "ranks": ranks, "threads_per_rank": threads, "rounds": len(mine),
+                        "median_steps_per_s": steps_per_s,
+                        "median_us_per_atom_step": 1e6 / (steps_per_s * case["num_atoms"]),
+                        "min_steps_per_s": min(r["steps_per_s"] for r in mine),
+                        "max_steps_per_s": max(r["steps_per_s"] for r in mine),
+                        "median_steps_per_cpu_s_max_rank": statistics.median(r["steps_per_cpu_s_max_rank"] for r in mine)})
 
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {
@@ -215,15 +236,20 @@ def main(argv=None) -> None:
                      "lammps": next((r["lammps_version"] for r in rows if "lammps_version" in r), None)},
         "case": {"system": f"fcc Ag a=4.09 x{args.repeat} rattled 0.05 seed 0", "timestep_fs": TIMESTEP_FS,
                  "temperature_K": TEMPERATURE_K, "warmup_steps": WARMUP_STEPS, **case},
+        "summary": summary,
         "rows": rows,
     }
     out = args.out or REPO / "bench" / "results" / f"lammps-{now:%Y-%m-%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\n{'provider':8} {'ranks':>5} {'threads':>7} {'steps/s':>9} {'us/atom/step':>13} {'E0 (eV)':>16}")
-    for row in rows:
-        print(f"{row['provider']:8} {row['ranks']:5d} {row['threads_per_rank']:7d} {row['steps_per_s']:9.3f} "
-              f"{row['us_per_atom_step']:13.1f} {row['initial_energy_eV']:16.8f}")
+    print(f"\n{'provider':8} {'ranks':>5} {'threads':>7} {'steps/s':>9} {'(min-max)':>15} {'us/atom/step':>13} "
+          f"{'steps/CPU-s':>12}")
+    for row in summary:
+        print(f"{row['provider']:8} {row['ranks']:5d} {row['threads_per_rank']:7d} {row['median_steps_per_s']:9.3f} "
+              f"{row['min_steps_per_s']:7.3f}-{row['max_steps_per_s']:<7.3f} {row['median_us_per_atom_step']:13.1f} "
+              f"{row['median_steps_per_cpu_s_max_rank']:12.3f}")
+    energies = [r["initial_energy_eV"] for r in rows]
+    print(f"starting energy, all providers: {min(energies):.10f} to {max(energies):.10f} eV")
     print(f"written to {out}")
 
 
