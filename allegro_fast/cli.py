@@ -4,6 +4,8 @@
     allegro-fast evaluate MODEL DATA [--energy-unit kcal/mol]   MAE / RMSE of E, F, stress, per species
     allegro-fast md MODEL STRUCTURE [--ensemble nve --steps N]  molecular dynamics with ASE's integrators
     allegro-fast demo [--minutes 2]                             generate data, train, evaluate, run MD
+    allegro-fast lammps MODEL OUT [--dtype float64]             the model file for LAMMPS (pair_style mliap unified)
+    allegro-fast bench [--quick] [--device cuda] ...            end-to-end benchmarks (see bench/README.md)
 
 Errors in the input (a misspelt config key, a malformed data file, a species the model does not know)
 are printed as one line naming the file, frame and field, with exit status 2.
@@ -143,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
+
+    from .lammps import build_parser as build_lammps_parser
+    from .lammps import run as run_lammps
+
+    lammps = commands.add_parser("lammps", help="write the file LAMMPS's `pair_style mliap unified FILE 0` loads")
+    build_lammps_parser(lammps)
+    lammps.set_defaults(run=run_lammps)
+    # `bench` hands its arguments to allegro_fast.bench_cli (see main); listed here for --help.
+    commands.add_parser("bench", help="end-to-end benchmarks: allegro-fast bench --help", add_help=False)
     return parser
 
 
@@ -151,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     from .run_config import ConfigError
     from .training import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["bench"]:
+        from .bench_cli import main as bench_main
+
+        return bench_main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         return args.run(args)
     except (ConfigError, DataError, FileNotFoundError, TrainingDiverged, ValueError) as error:
