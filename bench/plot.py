@@ -21,7 +21,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 MARKERS = {"torch": "o", "triton": "s", "reference": "^", "nequip": "v", "nequip-triton": "D", "nequip-cueq": "P"}
 
