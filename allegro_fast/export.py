@@ -138,8 +138,11 @@ class ForceField(nn.Module):
             species = model.type_of_atomic_number[atomic_numbers]
             edge_vectors = graph.edge_vectors(strained_positions, strained_cell)
             atomic_energy = model.atomic_energies(edge_vectors, species, graph)
-            energy = torch.zeros(num_structures, dtype=dtype, device=atomic_energy.device)
-            energy = energy.index_add(0, batch, atomic_energy)
+            if num_structures == 1:  # a plain sum: inductor's CPU code for a scatter into one element fails
+                energy = atomic_energy.sum().unsqueeze(0)
+            else:
+                energy = torch.zeros(num_structures, dtype=dtype, device=atomic_energy.device)
+                energy = energy.index_add(0, batch, atomic_energy)
             position_grad, strain_grad = torch.autograd.grad(energy.sum(), [positions, strain])
         # |a . (b x c)|: elementwise, unlike linalg.det, which AOTInductor has no C shim for
         volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=-1)).sum(-1).abs()

@@ -94,7 +94,11 @@ class MDResult:
     trajectory: str | None
 
     def summary(self) -> str:
-        drift_name = "energy drift" if self.ensemble != "langevin" else "energy change (not conserved)"
+        drift_name = {
+            "nve": "energy drift",
+            "nose-hoover": "conserved-energy drift (incl. thermostat)",
+            "langevin": "energy change (not conserved)",
+        }[self.ensemble]
         lines = [
             (f"MD ({self.ensemble}): {self.steps} steps of {self.timestep_fs:g} fs = {self.simulated_ps:.4g} ps, "
              f"{self.num_atoms} atoms, {self.wall_seconds:.1f} s wall, {self.ns_per_day:.3g} ns/day"),
