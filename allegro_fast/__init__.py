@@ -7,16 +7,39 @@ from .model import BACKENDS, Allegro
 from .serialization import load, save
 from .tensor_product import LayerTensorProduct, describe_layers
 from . import reference
-from . import data, evaluation, run_config, statistics, testing, training
+from . import data, evaluation, export, run_config, statistics, testing, training
 from .data import read_frames
 from .evaluation import evaluate
+from .md import ENSEMBLES, MDResult, run_md
 from .run_config import RunConfig
 from .training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Allegro", "AllegroCalculator", "BACKENDS", "AllegroConfig", "AtomicGraph", "LayerTensorProduct", "PRESETS",
-    "RunConfig", "data", "describe_layers", "evaluate", "evaluation", "load", "read_frames", "reference", "run_config",
-    "save", "statistics", "testing", "train", "training",
+    "BACKENDS",
+    "ENSEMBLES",
+    "PRESETS",
+    "Allegro",
+    "AllegroCalculator",
+    "AllegroConfig",
+    "AtomicGraph",
+    "LayerTensorProduct",
+    "MDResult",
+    "RunConfig",
+    "data",
+    "describe_layers",
+    "evaluate",
+    "evaluation",
+    "export",
+    "load",
+    "read_frames",
+    "reference",
+    "run_config",
+    "run_md",
+    "save",
+    "statistics",
+    "testing",
+    "train",
+    "training",
 ]

@@ -152,6 +152,9 @@ class Allegro(AllegroPotential):
     edge_chunk_size: int = 1024
 
     def _chunk_sizes(self, num_edges: int) -> list[int]:
+        # A traced program (torch.compile, torch.export) sees a symbolic edge count: one chunk.
+        if torch.compiler.is_compiling() or isinstance(num_edges, torch.SymInt):
+            return [num_edges]
         if num_edges == 0:
             return [0]
         count = max(1, round(num_edges / self.edge_chunk_size))
