@@ -17,6 +17,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_usage_example_runs():
+    """Every ```python block is a complete program and runs (```py blocks are fragments needing user files)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert blocks, "README has no python example"
     for block in blocks:
