@@ -42,7 +42,6 @@ import dataclasses
 import os
 import pickle
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic_files import atomic_write
 from .config import AllegroConfig
 from .potential import AllegroPotential
 
@@ -265,17 +265,7 @@ def write_lammps_model(
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     model = load(model_path, backend=backend).to(getattr(torch, dtype))
     unified = AllegroMLIAPUnified(model, device=device)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            pickle.dump(unified, stream, protocol=pickle.HIGHEST_PROTOCOL)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(out_path, lambda stream: pickle.dump(unified, stream, protocol=pickle.HIGHEST_PROTOCOL))
     return unified
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic_files import atomic_write
 from .config import AllegroConfig
 from .model import Allegro
 from .potential import AllegroPotential
@@ -46,18 +46,7 @@ def save(model: AllegroPotential, path: str | os.PathLike, metadata: dict[str, A
             **(metadata or {}),
         },
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: torch.save(payload, stream))
 
 
 def load(path: str | os.PathLike, backend: str | None = None, map_location: str | torch.device = "cpu") -> AllegroPotential:
