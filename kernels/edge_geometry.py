@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ._common import ensure_triton_device, nvtx_range
-from .tensor_product import _load_generated
+from .tensor_product import _load_generated, function_source
 
 
 def edge_geometry_ref(vectors: torch.Tensor, frequencies: torch.Tensor, r_max: float, p: int, l_max: int):
@@ -82,9 +82,7 @@ class _Source:
         return self.constants[value]
 
     def function(self, name: str, arguments: str, constants_at: int) -> str:
-        constant_lines = [f"    {name_} = tl.full((), {value!r}, DTYPE)" for value, name_ in self.constants.items()]
-        body = self.lines[:constants_at] + constant_lines + self.lines[constants_at:]
-        return f"@triton.jit\ndef {name}({arguments}):\n" + "\n".join(body) + "\n"
+        return function_source(name, arguments, self.lines, self.constants, constants_at)
 
 
 def _power(source: _Source, base: str, exponent: int, cache: dict) -> str:
