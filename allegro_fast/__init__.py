@@ -1,5 +1,6 @@
 """allegro-fast: Allegro, the strictly local equivariant interatomic potential, fast on CPUs and GPUs."""
 
+from .allocator import retain_freed_memory
 from .config import PRESETS, AllegroConfig
 from .graph import AtomicGraph
 from .calculator import AllegroCalculator
@@ -34,6 +35,7 @@ __all__ = [
     "export",
     "load",
     "read_frames",
+    "retain_freed_memory",
     "reference",
     "run_config",
     "run_md",

@@ -363,9 +363,10 @@ def find_nequip_python(explicit: str | None) -> str | None:
     return None
 
 
-def run_subprocess(command: list[str], timeout: float) -> list[dict] | dict:
+def run_subprocess(command: list[str], timeout: float, env: dict[str, str] | None = None) -> list[dict] | dict:
     try:
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                                env=None if env is None else {**os.environ, **env})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = result.stdout.strip().splitlines()
@@ -502,6 +503,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="dry run: ag32 + aspirin x2, 2 repeats, 1 warm-up")
     parser.add_argument("--nequip-python", default=None)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc malloc at its defaults; by default every provider's subprocess (nequip "
+                             "and the reference included) keeps freed memory, see allegro_fast/allocator.py")
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write")
     parser.add_argument("--out", type=Path, default=None, help="folder: writes <out>/e2e.json")
     parser.add_argument("--no-roofline", action="store_true", help="skip bench/roofline.py on CUDA")
@@ -589,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         output = Path("bench-results") / f"{device}-{stamp}.json"
     results: dict[tuple[str, int], list[dict]] = {}
+    from .allocator import ALLOCATOR_ENV
+
+    provider_env = {} if args.system_malloc else dict(ALLOCATOR_ENV)  # the same for every provider
     static = {
         "kind": "allegro-fast end-to-end benchmark",
         "date": started.isoformat(timespec="seconds"),
@@ -596,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(), "versions": versions(),
         "loadavg_at_start": load_at_start,
         "settings": {**settings, "rounds": args.rounds, "dtype": args.dtype, "providers": providers,
-                     "quick": args.quick, "isolate": isolate, "nequip_python": nequip_python},
+                     "quick": args.quick, "isolate": isolate, "nequip_python": nequip_python,
+                     "malloc_env": provider_env},
         "cases": {job["case"]: CASES[job["case"]] for job in jobs},
     }
 
@@ -622,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                     command = [sys.executable, "-m", "allegro_fast.bench_cli", "--_worker", str(spec_path)]
                 print(f"[round {round_index + 1}/{args.rounds}] {provider}: "
                       f"{', '.join(j['case'] + '/' + j['model'] + '/' + j['task'] for j in batch)}", flush=True)
-                out = run_subprocess(command, args.timeout)
+                out = run_subprocess(command, args.timeout, provider_env)
                 out_rows = out if isinstance(out, list) else [dict(out) for _ in batch]
                 for job, row in zip(batch, out_rows):
                     results.setdefault((provider, id(job)), []).append(row)

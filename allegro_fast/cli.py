@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import retain_freed_memory
     from .data import DataError
     from .run_config import ConfigError
     from .training import TrainingDiverged
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(arguments[1:])
     args = build_parser().parse_args(arguments)
+    retain_freed_memory()  # large CPU tensors reuse pages instead of faulting them in at every call
     try:
         return args.run(args)
     except (ConfigError, DataError, FileNotFoundError, TrainingDiverged, ValueError) as error:

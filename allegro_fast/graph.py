@@ -122,9 +122,14 @@ class AtomicGraph:
         positions = self.positions if positions is None else positions
         cell = self.cell if cell is None else cell
         centers, neighbours = self.edge_index
-        edge_cell = cell[self.batch[centers]]  # (E, 3, 3)
-        shift_vectors = torch.einsum("ek,ekc->ec", self.edge_shift.to(positions.dtype), edge_cell)
-        return positions[neighbours] - positions[centers] + shift_vectors
+        shifts = self.edge_shift.to(positions.dtype)
+        if cell.shape[0] == 1:
+            shift_vectors = shifts @ cell[0]
+        else:
+            edge_cell = cell.index_select(0, self.batch.index_select(0, centers))  # (E, 3, 3)
+            shift_vectors = torch.einsum("ek,ekc->ec", shifts, edge_cell)
+        # index_select, whose backward is an index_add (indexing's is a slower accumulating index_put).
+        return positions.index_select(0, neighbours) - positions.index_select(0, centers) + shift_vectors
 
     # ------------------------------------------------------------------------------
     # Construction

@@ -5,14 +5,20 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
 - the tensor product runs on the needed paths only (`torch_ops`): the first layer uses the rank-one
   structure of V^0 = w (x) Y, the last layer computes only the scalar paths, middle layers use one
   matmul per spherical-harmonic degree;
-- channel mixing keeps only the irreps the next layer uses;
-- the environment sum is one index_add over edges sorted by center (segment_reduce has no double
-  backward); after it, edges are processed in cache-sized chunks.
+- channel mixing keeps only the irreps the next layer uses; channels are the last axis throughout;
+- equivariant features live in the neighbour-slot layout (`NeighborSlots`): the edges of atom i are rows
+  i K .. i K + K - 1 with zero rows as padding, so the environment sum and the first product are batched
+  matmuls per atom and the environment is never gathered per edge. Traced programs (torch.compile,
+  torch.export: the edge count is symbolic) and graphs whose neighbour counts are so uneven that padding
+  would more than double the edges use the edge-list layout instead: the environment sum is an index_add
+  over edges sorted by center (segment_reduce has no double backward), then edges go in cache-sized chunks.
 backend="triton": the same layers, with the edge geometry and the environment sum + tensor product of each layer
 in Triton kernels (`allegro_fast.kernels`); channel mixing and the MLPs stay torch matmuls.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from e3nn.math import normalize2mom
@@ -113,6 +119,33 @@ class TorchAllegroLayer(nn.Module):
             self.mixing = _MixingWeight(self.channel_mixing.weight_numel)
 
 
+@dataclasses.dataclass
+class NeighborSlots:
+    """The neighbour-slot layout of the torch backend: the K = `slots` neighbours of atom i (edges sorted by
+    center) are rows i K .. i K + K - 1, and zero rows pad atoms with fewer than K neighbours. Per-atom sums
+    over neighbours are then batched matmuls and the environment of an atom is broadcast over its slots,
+    never gathered per edge. Zero rows stay zero through the products and never reach the energy."""
+
+    slot: torch.Tensor  # (E,) row of each edge
+    slots: int
+    num_atoms: int
+    harmonics: torch.Tensor  # (N K, (l_max+1)^2)
+    harmonics_by_atom: torch.Tensor  # (N, (l_max+1)^2, K), a view
+
+    @classmethod
+    def build(cls, center: torch.Tensor, center_ptr: torch.Tensor, num_atoms: int, slots: int,
+              harmonics: torch.Tensor) -> NeighborSlots:
+        edge_in_atom = torch.arange(center.shape[0], device=center.device) - center_ptr[:-1].index_select(0, center)
+        layout = cls(center * slots + edge_in_atom, slots, num_atoms, harmonics, harmonics)
+        layout.harmonics = layout.to_slots(harmonics)
+        layout.harmonics_by_atom = layout.harmonics.view(num_atoms, slots, -1).transpose(1, 2)
+        return layout
+
+    def to_slots(self, per_edge: torch.Tensor) -> torch.Tensor:
+        padded = per_edge.new_zeros((self.num_atoms * self.slots, *per_edge.shape[1:]))
+        return padded.index_copy(0, self.slot, per_edge)
+
+
 class Allegro(AllegroPotential):
     """Allegro with a selectable backend ("torch" or "triton"); parameters as in the reference."""
 
@@ -161,26 +194,85 @@ class Allegro(AllegroPotential):
         base, extra = divmod(num_edges, count)
         return [base + 1] * extra + [base] * (count - extra)
 
+    # The neighbour-slot layout is used while it pads the edges by at most this factor.
+    max_slot_padding: float = 2.0
+
     def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend == "triton":
             return self._triton_edge_energies(edge_vectors, species, graph)
         return self._torch_edge_energies(edge_vectors, species, graph)
 
-    def _torch_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+    def _two_body(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph):
+        """Per-edge geometry and the two-body latent: (x, envelope, sh, w0), shared by both torch layouts."""
         config = self.config
-        n = config.num_tensor_features
-        num_edges = edge_vectors.shape[0]
         center, neighbor = graph.edge_index
         lengths = torch.linalg.norm(edge_vectors, dim=1)
         envelope = polynomial_envelope(lengths, config.r_max, config.polynomial_p).unsqueeze(-1)
         sh = spherical_harmonics(edge_vectors, config.l_max)  # (E, (l_max+1)^2)
-
         onehot = nn.functional.one_hot(species, config.num_types).to(edge_vectors.dtype)
         radial = bessel_basis(lengths, self.bessel_frequencies, config.r_max)
-        x = self.two_body_mlp(torch.cat([onehot[center], onehot[neighbor], radial], dim=1)) * envelope
+        x = self.two_body_mlp(torch.cat([onehot.index_select(0, center), onehot.index_select(0, neighbor), radial],
+                                        dim=1)) * envelope
+        # V^{ij,0}_{(l,m),c} = w_{l,c} Y_{l,m} stays factored: the first layer's product uses w and Y.
+        w0 = self.two_body_env_linear(x).view(edge_vectors.shape[0], config.l_max + 1, config.num_tensor_features)
+        return x, envelope, sh, w0
 
-        # V^{ij,0}_{c,(l,m)} = w_{c,l} Y_{l,m} stays factored: the first layer's product uses w and Y.
-        w0 = self.two_body_env_linear(x).view(num_edges, config.l_max + 1, n)
+    def neighbor_slots(self, graph: AtomicGraph) -> int | None:
+        """K for the neighbour-slot layout (the largest neighbour count), or None for the edge-list layout:
+        in traced programs (the edge count is symbolic), for graphs without edges, and where N K would pad
+        the E edges by more than `max_slot_padding`."""
+        num_edges = graph.edge_index.shape[1]
+        if torch.compiler.is_compiling() or isinstance(num_edges, torch.SymInt) or num_edges == 0:
+            return None
+        slots = int((graph.center_ptr[1:] - graph.center_ptr[:-1]).max())
+        return slots if graph.num_nodes * slots <= self.max_slot_padding * num_edges else None
+
+    def _torch_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        slots = self.neighbor_slots(graph)
+        if slots is not None:
+            return self._slot_edge_energies(edge_vectors, species, graph, slots)
+        return self._edge_list_energies(edge_vectors, species, graph)
+
+    def _slot_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph,
+                            slots: int) -> torch.Tensor:
+        """The torch backend in the neighbour-slot layout (see `NeighborSlots`)."""
+        x, envelope, sh, w0 = self._two_body(edge_vectors, species, graph)
+        layout = NeighborSlots.build(graph.edge_index[0], graph.center_ptr, graph.num_nodes, slots, sh)
+        v = layout.to_slots(w0)  # the first layer reads w0 and Y
+        for layer in self.layers:
+            x, v = self.slot_layer(layer, layout, x, v, envelope)
+        return self.readout_mlp(x).squeeze(-1)
+
+    def slot_layer(self, layer: TorchAllegroLayer, layout: NeighborSlots, x: torch.Tensor, v: torch.Tensor,
+                   envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer in the slot layout: x (E, F) per edge, v (N K, D, n) per slot (w0 (N K, l_max+1, n) for the
+        first layer) -> the new x and v (None after the last layer)."""
+        config = self.config
+        n, num_atoms = config.num_tensor_features, layout.num_atoms
+        weights = layout.to_slots(layer.env_linear(x, scale=config.avg_num_neighbors**-0.5))
+        # A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c}: all (l, l') pairs in one matmul, then the l = l' blocks.
+        pairs = torch.bmm(layout.harmonics_by_atom, weights.view(num_atoms, layout.slots, -1))
+        environment = torch.cat([pairs[:, l * l:(l + 1) ** 2, l * n:(l + 1) * n] for l in range(config.l_max + 1)],
+                                dim=1)  # (N, (l_max+1)^2, n)
+        if layer.is_first:
+            blocks = layer.tensor_product(v, layout.harmonics, environment, slots=layout.slots)
+        else:
+            blocks = layer.tensor_product.split(layer.tensor_product(v, environment, slots=layout.slots))
+        scalars = layer.tensor_product.scalars(blocks)
+        if layer.mixing is not None:
+            v = layer.channel_mixing(blocks, layer.mixing.weight)
+        update = layer.latent_mlp(x, scalars.index_select(0, layout.slot)) * envelope
+        x = config.residual_old_weight * x + config.residual_new_weight * update
+        return x, (v if layer.mixing is not None else None)
+
+    def _edge_list_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """The torch backend in the edge-list layout (traced programs, and graphs with very uneven
+        neighbour counts): the environment is gathered per edge, edges are processed in chunks."""
+        config = self.config
+        n = config.num_tensor_features
+        num_edges = edge_vectors.shape[0]
+        center = graph.edge_index[0]
+        x, envelope, sh, w0 = self._two_body(edge_vectors, species, graph)
         v = None
 
         norm = config.avg_num_neighbors**-0.5
@@ -191,8 +283,8 @@ class Allegro(AllegroPotential):
         w0_chunks = w0.split(sizes)
         for layer in self.layers:
             weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
-            env_per_edge = weights.index_select(1, self.sh_degree).transpose(1, 2) * sh.unsqueeze(1)  # (E, n, D2)
-            environment = torch.zeros(graph.num_nodes, n, sh.shape[1], dtype=x.dtype, device=x.device)
+            env_per_edge = weights.index_select(1, self.sh_degree) * sh.unsqueeze(2)  # (E, (l_max+1)^2, n)
+            environment = torch.zeros(graph.num_nodes, sh.shape[1], n, dtype=x.dtype, device=x.device)
             environment = environment.index_add(0, center, env_per_edge)
             x_chunks = x.split(sizes)
             v_chunks = v.split(sizes) if v is not None else None  # the first layer uses w0 and Y instead
@@ -200,10 +292,9 @@ class Allegro(AllegroPotential):
             for k in range(len(sizes)):
                 local_env = environment.index_select(0, center_chunks[k])
                 if layer.is_first:
-                    paths = layer.tensor_product(w0_chunks[k], sh_chunks[k], local_env)
+                    blocks = layer.tensor_product(w0_chunks[k], sh_chunks[k], local_env)
                 else:
-                    paths = layer.tensor_product(v_chunks[k], local_env)
-                blocks = layer.tensor_product.split(paths)
+                    blocks = layer.tensor_product.split(layer.tensor_product(v_chunks[k], local_env))
                 scalars = layer.tensor_product.scalars(blocks)
                 update = layer.latent_mlp(x_chunks[k], scalars) * envelope_chunks[k]
                 new_x.append(config.residual_old_weight * x_chunks[k] + config.residual_new_weight * update)
@@ -225,7 +316,9 @@ class Allegro(AllegroPotential):
             keys = []
             for description, irreps, layer in zip(descriptions, self.input_irreps, self.layers):
                 product = layer.tensor_product
-                form = kernels.tensor_product_form(description, irreps, product.path_columns, product.output_dim)
+                form = kernels.tensor_product_form(description, irreps, product.output_row,
+                                                   [i for _, _, paths in product.irrep_blocks.values() for i in paths],
+                                                   product.output_dim)
                 keys.append((environment_key, kernels.register_form(form)))
             first_columns = [l * l + m for l, _ in self.input_irreps[0] for m in range(2 * l + 1)]
             self._first_harmonic_columns = torch.tensor(first_columns)
@@ -259,10 +352,11 @@ class Allegro(AllegroPotential):
             weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
             product, _ = environment_tensor_product(environment_key, product_key, weights, sh, v.contiguous(),
                                                     graph.center_ptr)
-            blocks = layer.tensor_product.split(product)
+            # The kernels keep channels first, (E, n, P); the torch ops take channels last, (E, P, n).
+            blocks = layer.tensor_product.split(product.transpose(1, 2).contiguous())
             scalars = layer.tensor_product.scalars(blocks)
             update = layer.latent_mlp(x, scalars) * envelope
             x = config.residual_old_weight * x + config.residual_new_weight * update
             if layer.mixing is not None:
-                v = layer.channel_mixing(blocks, layer.mixing.weight)
+                v = layer.channel_mixing(blocks, layer.mixing.weight).transpose(1, 2)
         return self.readout_mlp(x).squeeze(-1)

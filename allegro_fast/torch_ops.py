@@ -1,27 +1,32 @@
 """Pure-PyTorch ops of the fast backend: the compact channel-wise tensor product and channel mixing.
 
-Layouts (internal to this backend; parameters keep the reference's layout):
-- Equivariant edge features are (E, n, D): channel c first, then the irrep blocks of `irreps` concatenated
-  along the last axis (D = sum of 2l+1). Only the irreps some later computation needs are kept.
-- The environment A is (E, n, (l_max+1)^2), spherical-harmonic order.
-- Tensor-product outputs are (E, n, P) with the needed paths grouped by output irrep (sorted), so each
-  output irrep is one contiguous column block (`irrep_blocks`): scalars and channel-mixing inputs are
-  slices, never gathers along an inner axis (slow on CPUs).
+Layouts (internal to this backend; parameters keep the reference's layout). Channels are the last,
+contiguous axis everywhere, so that every contraction over channels (channel mixing, the MLP inputs) is
+one plain matmul over a view, with no transposed copies:
+- Equivariant edge features are (E, D, n): the irrep blocks of `irreps` concatenated along axis 1
+  (D = sum of 2l+1), channel c last. Only the irreps some later computation needs are kept.
+- The environment A is (E, (l_max+1)^2, n), spherical-harmonic order.
+- Tensor-product outputs are (E, P, n) with the needed paths grouped by output irrep (sorted), so each
+  output irrep is one contiguous row block (`irrep_blocks`). Inside the block of an irrep of dimension
+  2l+1 reached by paths j = 0..J-1, component m of path j is row m * J + j, so the block viewed as
+  (E (2l+1), J n) is the channel-mixing input and the scalar block (E, J n) is path-major, the reference's
+  latent-MLP input order.
 
 The product T = sum_{m1,m2} cg[path] V_{l1} A_{l2} is evaluated for the needed paths only, with a few large
 ops (never one per path), in three specialisations:
 
-- `RankOneTensorProduct` (first layer): V^{ij,0}_{c,l1,m1} = w_{c,l1} Y_{l1,m1}(r_ij) has rank one in m,
+- `RankOneTensorProduct` (first layer): V^{ij,0}_{l1 m1, c} = w_{l1, c} Y_{l1 m1}(r_ij) has rank one in m,
   so the Clebsch-Gordan contraction with Y is channel-independent and done once per edge:
-      M[e, (l2, m2), col] = sum_{m1} cg[m1, m2, col] Y_{l1(col), m1}    (E, (l_max+1)^2, P), one matmul
-      T[e, c, col] = w_{c, l1(col)} * (A[e, c, :] @ M[e])                 one batched matmul
+      M[e, row, (l2, m2)] = sum_{m1} cg[m1, m2, row] Y_{l1(row), m1}     (E, P, (l_max+1)^2), matmuls
+      T[e, row, c] = w_{l1(row), c} * (M[e] @ A[e])[row, c]              batched matmuls
+  one of each per output irrep, so that each output block is contiguous.
 - `ScalarPathsProduct` (last layer): only (l, p) x (l, p) -> 0e paths, cg = delta / sqrt(2l + 1), so
-      T[e, c, path] = sum_m V[e, c, l m] A[e, c, l m] / sqrt(2l + 1)     one product, one matmul
+      T[e, path, c] = sum_m V[e, l m, c] A[e, l m, c] / sqrt(2l + 1)   one product, one sum per path
 - `CompactTensorProduct` (middle layers): per l2,
-      outer_{l2}[e, c, (a, m2)] = V[e, c, a] * A[e, c, l2, m2]            (E, n, D (2 l2 + 1))
-      T += outer_{l2} @ cg_{l2}                                           cg_{l2}: (D (2 l2 + 1), P)
+      outer_{l2}[e, (a, m2), c] = V[e, a, c] * A[e, l2 m2, c]             (E, D (2 l2 + 1), n)
+      T += cg_{l2} @ outer_{l2}                                          cg_{l2}: (P, D (2 l2 + 1))
 
-Channel mixing is one batched matmul per output irrep over all its paths and channels.
+Channel mixing is one matmul per output irrep over all its paths and channels.
 """
 
 from __future__ import annotations
@@ -33,98 +38,143 @@ from torch import nn
 from .tensor_product import Irrep, LayerTensorProduct, irrep_offsets
 
 
+def _broadcast_environment(per_edge: torch.Tensor, environment: torch.Tensor, slots: int | None, op):
+    """op(per_edge, environment) with the environment per edge (same rows) or, with `slots` = K, per atom:
+    per-edge rows are then K neighbour slots per atom and the atom's environment is broadcast over them."""
+    if slots is None:
+        return op(per_edge, environment)
+    num_atoms = environment.shape[0]
+    result = op(per_edge.view(num_atoms, slots, *per_edge.shape[1:]), environment.unsqueeze(1))
+    return result.view(per_edge.shape[0], *result.shape[2:])
+
+
 class _GroupedPaths(nn.Module):
-    """Column bookkeeping shared by the products: needed paths grouped by output irrep."""
+    """Row bookkeeping shared by the products: needed paths grouped by output irrep, components interleaved."""
 
     def __init__(self, description: LayerTensorProduct, needed_paths: tuple[int, ...]) -> None:
         super().__init__()
         self.description = description
-        self.path_columns: dict[int, tuple[int, int]] = {}
+        self._path_rows: dict[int, tuple[int, int, int]] = {}  # path -> (block start, position j, paths J)
         self.irrep_blocks: dict[Irrep, tuple[int, int, tuple[int, ...]]] = {}
-        column = 0
+        row = 0
         for irrep in sorted({description.paths[i].irrep_out for i in needed_paths}):
             paths = tuple(i for i in needed_paths if description.paths[i].irrep_out == irrep)
-            start = column
-            for index in paths:
-                self.path_columns[index] = (column, column + 2 * irrep[0] + 1)
-                column += 2 * irrep[0] + 1
-            self.irrep_blocks[irrep] = (start, column, paths)
-        self.output_dim = column
+            for position, index in enumerate(paths):
+                self._path_rows[index] = (row, position, len(paths))
+            stop = row + len(paths) * (2 * irrep[0] + 1)
+            self.irrep_blocks[irrep] = (row, stop, paths)
+            row = stop
+        self.output_dim = row
+
+    def output_row(self, path_index: int, m: int) -> int:
+        """Row of T holding component m of path `path_index`."""
+        start, position, count = self._path_rows[path_index]
+        return start + m * count + position
 
     def split(self, paths: torch.Tensor) -> dict[Irrep, torch.Tensor]:
-        """(E, n, P) -> one (E, n, paths * (2l+1)) block per output irrep (split, whose backward is a cat)."""
+        """(E, P, n) -> one (E, paths * (2l+1), n) block per output irrep (split, whose backward is a cat)."""
         sizes = [stop - start for start, stop, _ in self.irrep_blocks.values()]
-        return dict(zip(self.irrep_blocks, paths.split(sizes, dim=2)))
+        return dict(zip(self.irrep_blocks, paths.split(sizes, dim=1)))
 
     @staticmethod
     def scalars(blocks: dict[Irrep, torch.Tensor]) -> torch.Tensor:
         """The (0, +1) block as (E, S n), path-major (the reference's latent-MLP input order)."""
         block = blocks[(0, 1)]
-        return block.transpose(1, 2).reshape(block.shape[0], block.shape[1] * block.shape[2])
+        return block.reshape(block.shape[0], block.shape[1] * block.shape[2])
 
 
 class RankOneTensorProduct(_GroupedPaths):
     """The first layer's product, for V = w (x) Y; see the module docstring.
 
-    forward(w (E, l_max+1, n), harmonics (E, (l_max+1)^2), environment (E, n, (l_max+1)^2)) -> (E, n, P).
+    forward(w (E, l_max+1, n), harmonics (E, (l_max+1)^2), environment (E, (l_max+1)^2, n)) -> (E, P, n).
     """
 
     def __init__(self, description: LayerTensorProduct, needed_paths: tuple[int, ...]) -> None:
         super().__init__(description, needed_paths)
         sh_dim = (description.l_max + 1) ** 2
-        contraction = np.zeros((sh_dim, sh_dim, self.output_dim))
-        degree_selection = np.zeros((description.l_max + 1, self.output_dim))
-        for index, (start, stop) in self.path_columns.items():
-            path = description.paths[index]
-            contraction[path.l1 ** 2:(path.l1 + 1) ** 2, path.l2 ** 2:(path.l2 + 1) ** 2, start:stop] = (
-                description.clebsch_gordan[index]
-            )
-            degree_selection[path.l1, start:stop] = 1.0
-        self.register_buffer("clebsch_gordan_first", torch.as_tensor(contraction.reshape(sh_dim, -1)), persistent=False)
-        self.register_buffer("degree_selection", torch.as_tensor(degree_selection), persistent=False)
+        # Per output irrep: the contraction with Y (sh_dim, rows * sh_dim) and the degree l1 of each path.
+        for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
+            contraction = np.zeros((sh_dim, stop - start, sh_dim))
+            for index in paths:
+                path = description.paths[index]
+                cg = description.clebsch_gordan[index]  # (2l1+1, 2l2+1, 2l_out+1)
+                for m in range(2 * path.l_out + 1):
+                    row = self.output_row(index, m) - start
+                    contraction[path.l1 ** 2:(path.l1 + 1) ** 2, row, path.l2 ** 2:(path.l2 + 1) ** 2] = cg[:, :, m]
+            self.register_buffer(f"clebsch_gordan_{block_index}", torch.as_tensor(contraction.reshape(sh_dim, -1)),
+                                 persistent=False)
+            self.register_buffer(f"path_degree_{block_index}",
+                                 torch.tensor([description.paths[index].l1 for index in paths]), persistent=False)
 
-    def forward(self, weights: torch.Tensor, harmonics: torch.Tensor, environment: torch.Tensor) -> torch.Tensor:
-        num_edges, sh_dim = harmonics.shape
-        contracted = (harmonics @ self.clebsch_gordan_first).view(num_edges, sh_dim, self.output_dim)
-        product = torch.bmm(environment, contracted)  # (E, n, P)
-        return product * (weights.transpose(1, 2) @ self.degree_selection)
+    def forward(self, weights: torch.Tensor, harmonics: torch.Tensor, environment: torch.Tensor,
+                slots: int | None = None) -> dict[Irrep, torch.Tensor]:
+        """-> the output blocks (E, (2l+1) J, n), one per irrep (see `split`).
+
+        With `slots` = K, rows are K neighbour slots per atom and `environment` is per atom (N, D2, n):
+        the environment is contracted with the Clebsch-Gordan coefficients once per atom,
+            G[i, (l1 m1), (row, c)] = sum_{(l2 m2)} cg[(l1 m1), row, (l2 m2)] A[i, (l2 m2), c],
+        and each atom's K slots take one matmul, Y (K, D2) @ G[i] (D2, rows n).
+        """
+        num_rows, sh_dim = harmonics.shape
+        channels = environment.shape[2]
+        blocks = {}
+        for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
+            contraction = self.get_buffer(f"clebsch_gordan_{block_index}")
+            if slots is None:
+                contracted = (harmonics @ contraction).view(num_rows, stop - start, sh_dim)
+                product = torch.bmm(contracted, environment)
+            else:
+                num_atoms = environment.shape[0]
+                per_atom = torch.matmul(contraction.view(sh_dim * (stop - start), sh_dim), environment)
+                product = torch.bmm(harmonics.view(num_atoms, slots, sh_dim),
+                                    per_atom.view(num_atoms, sh_dim, (stop - start) * channels))
+            product = product.view(num_rows, 2 * irrep[0] + 1, len(paths), channels)
+            path_weights = weights.index_select(1, self.get_buffer(f"path_degree_{block_index}")).unsqueeze(1)
+            blocks[irrep] = (product * path_weights).view(num_rows, stop - start, channels)
+        return blocks
 
 
 class ScalarPathsProduct(_GroupedPaths):
     """The last layer's product: only the scalar paths; see the module docstring.
 
-    forward(features (E, n, D_in), environment (E, n, (l_max+1)^2)) -> (E, n, number of scalar paths).
+    forward(features (E, D_in, n), environment (E, (l_max+1)^2, n)) -> (E, number of scalar paths, n).
     """
 
     def __init__(self, description: LayerTensorProduct, input_irreps: tuple[Irrep, ...]) -> None:
         super().__init__(description, description.scalar_paths)
         in_offsets = irrep_offsets(input_irreps)
-        env_columns = np.zeros(in_offsets[-1], dtype=np.int64)
-        reduce = np.zeros((in_offsets[-1], self.output_dim))
-        for index, (column, _) in self.path_columns.items():
+        env_rows = np.zeros(in_offsets[-1], dtype=np.int64)
+        # Per scalar path, in output order: its rows of V (a contiguous irrep block) and cg = 1/sqrt(2l+1).
+        self.sums: list[tuple[int, int, float]] = []
+        for index in description.scalar_paths:
             path = description.paths[index]
             start = in_offsets[input_irreps.index(description.irreps_in1[path.in1])]
-            cg = description.clebsch_gordan[index]  # (2l+1, 2l+1, 1), diagonal
-            for m in range(2 * path.l1 + 1):
-                # Each V column takes part in at most one scalar path, so one gather of A lines up with V.
-                env_columns[start + m] = path.l2 ** 2 + m
-                reduce[start + m, column] = cg[m, m, 0]
-        self.identity_columns = bool(np.array_equal(env_columns, np.arange(len(env_columns))))
-        self.register_buffer("environment_columns", torch.as_tensor(env_columns), persistent=False)
-        self.register_buffer("clebsch_gordan_scalar", torch.as_tensor(reduce), persistent=False)
+            cg = description.clebsch_gordan[index]  # (2l+1, 2l+1, 1), diagonal, all equal
+            # Each V row takes part in at most one scalar path, so one gather of A lines up with V.
+            env_rows[start:start + 2 * path.l1 + 1] = path.l2 ** 2 + np.arange(2 * path.l1 + 1)
+            assert self.output_row(index, 0) == len(self.sums)
+            self.sums.append((start, start + 2 * path.l1 + 1, float(cg[0, 0, 0])))
+        self.identity_rows = bool(np.array_equal(env_rows, np.arange(len(env_rows))))
+        self.register_buffer("environment_rows", torch.as_tensor(env_rows), persistent=False)
+        # The product is split into all irrep blocks of V (split's backward is one cat, where slicing
+        # would fill a zero tensor per block); the scalar paths sum their blocks.
+        self.block_sizes = [stop - start for start, stop in zip(in_offsets[:-1], in_offsets[1:])]
+        self.block_of_sum = [in_offsets.index(start) for start, _, _ in self.sums]
 
-    def forward(self, features: torch.Tensor, environment: torch.Tensor) -> torch.Tensor:
-        if self.identity_columns:
-            environment = environment[:, :, : features.shape[2]]
+    def forward(self, features: torch.Tensor, environment: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+        if self.identity_rows:
+            environment = environment[:, : features.shape[1]]
         else:
-            environment = environment.index_select(2, self.environment_columns)
-        return (features * environment) @ self.clebsch_gordan_scalar
+            environment = environment.index_select(1, self.environment_rows)
+        product = _broadcast_environment(features, environment, slots, torch.mul).split(self.block_sizes, dim=1)
+        return torch.stack([product[block].sum(1) * cg for block, (_, _, cg) in zip(self.block_of_sum, self.sums)],
+                           dim=1)
 
 
 class CompactTensorProduct(_GroupedPaths):
     """The needed paths of a middle layer; see the module docstring.
 
-    forward(features (E, n, D_in), environment (E, n, (l_max+1)^2)) -> (E, n, P).
+    forward(features (E, D_in, n), environment (E, (l_max+1)^2, n)) -> (E, P, n).
     """
 
     def __init__(self, description: LayerTensorProduct, input_irreps: tuple[Irrep, ...], needed_paths: tuple[int, ...]) -> None:
@@ -136,28 +186,30 @@ class CompactTensorProduct(_GroupedPaths):
             paths = [i for i in needed_paths if description.paths[i].l2 == l2]
             if not paths:
                 continue
-            block = np.zeros((input_dim, 2 * l2 + 1, self.output_dim))
+            block = np.zeros((self.output_dim, input_dim, 2 * l2 + 1))
             for index in paths:
                 path = description.paths[index]
                 start = in_offsets[input_irreps.index(description.irreps_in1[path.in1])]
                 cg = description.clebsch_gordan[index]
-                block[start:start + cg.shape[0], :, slice(*self.path_columns[index])] = cg
-            self.register_buffer(f"clebsch_gordan_{l2}", torch.as_tensor(block.reshape(-1, self.output_dim)), persistent=False)
+                for m in range(2 * path.l_out + 1):
+                    block[self.output_row(index, m), start:start + cg.shape[0], :] = cg[:, :, m]
+            self.register_buffer(f"clebsch_gordan_{l2}", torch.as_tensor(block.reshape(self.output_dim, -1)), persistent=False)
             self.degrees.append(l2)
 
-    def forward(self, features: torch.Tensor, environment: torch.Tensor) -> torch.Tensor:
-        num_edges, channels, _ = features.shape
+    def forward(self, features: torch.Tensor, environment: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+        num_edges, input_dim, channels = features.shape
         result = None
         for l2 in self.degrees:
-            env = environment[:, :, l2 * l2:(l2 + 1) * (l2 + 1)]
-            outer = (features.unsqueeze(-1) * env.unsqueeze(-2)).reshape(num_edges, channels, features.shape[2] * env.shape[2])
-            term = outer @ self.get_buffer(f"clebsch_gordan_{l2}")
+            env = environment[:, l2 * l2:(l2 + 1) * (l2 + 1)]
+            outer = _broadcast_environment(features.unsqueeze(2), env.unsqueeze(1), slots, torch.mul)
+            outer = outer.reshape(num_edges, input_dim * env.shape[1], channels)
+            term = torch.matmul(self.get_buffer(f"clebsch_gordan_{l2}"), outer)
             result = term if result is None else result + term
         return result
 
 
 class ChannelMixing(nn.Module):
-    """V_{c', (l,p)} = sum over paths into (l,p) and channels c of W[path][c, c'] T_{c, path} / sqrt(fan_in).
+    """V_{(l,p), c'} = sum over paths into (l,p) and channels c of W[path][c, c'] T_{path, c} / sqrt(fan_in).
 
     Holds no parameters: the flat weight (e3nn o3.Linear layout, owned by the model) is passed in. Only the
     output irreps the next layer reads are computed; fan_in counts every path of the function.
@@ -187,10 +239,8 @@ class ChannelMixing(nn.Module):
         outputs = []
         for irrep, weight_rows, dim, normalization in self.groups:
             num_paths = len(weight_rows)
-            # (c_out, (c_in, path)) so that it contracts the (E, n * paths, 2l+1) view of the block.
-            w = torch.stack([weight[row:row + n * n].view(n, n) for row in weight_rows], dim=1)  # (c_in, path, c_out)
-            w = w.reshape(n * num_paths, n).t() * normalization
+            # ((path, c_in), c_out): contracts the (E (2l+1), paths n) view of the block.
+            w = torch.cat([weight[row:row + n * n].view(n, n) for row in weight_rows]) * normalization
             block = blocks[irrep]
-            block = block.reshape(block.shape[0], n * num_paths, dim)
-            outputs.append(torch.matmul(w, block))  # (E, n, 2l+1)
-        return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+            outputs.append((block.reshape(block.shape[0] * dim, num_paths * n) @ w).view(block.shape[0], dim, n))
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]

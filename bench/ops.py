@@ -229,9 +229,9 @@ def _layer(provider, model, config, position, center, num_nodes, vectors, rand, 
 
     if position == "first":
         features = _leaf(rand(num_edges, config.l_max + 1, n))  # w^0, V^0 = w^0 (x) Y
-    else:
+    else:  # V: channels last in the torch backend, first in the kernels
         in_dim = sum(2 * l + 1 for l, _ in model.input_irreps[index])
-        features = _leaf(rand(num_edges, n, in_dim))
+        features = _leaf(rand(num_edges, n, in_dim) if provider == "triton" else rand(num_edges, in_dim, n))
     if provider == "triton":
         fn = _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, index)
     else:
@@ -240,29 +240,16 @@ def _layer(provider, model, config, position, center, num_nodes, vectors, rand, 
 
 
 def _torch_layer_fn(model, layer, config, sh, envelope, center, num_nodes):
-    """One layer of `Allegro.edge_energies` (torch backend), with its edge chunking."""
-    n = config.num_tensor_features
-    norm = config.avg_num_neighbors ** -0.5
+    """One layer of `Allegro.edge_energies` (torch backend, neighbour-slot layout): `Allegro.slot_layer`."""
+    from allegro_fast.model import NeighborSlots
+
+    center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=center.device))
+    slots = int((center_ptr[1:] - center_ptr[:-1]).max())
+    layout = NeighborSlots.build(center, center_ptr, num_nodes, slots, sh)
 
     def fn(x, features):
-        num_edges = x.shape[0]
-        weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
-        env_per_edge = weights.index_select(1, model.sh_degree).transpose(1, 2) * sh.unsqueeze(1)
-        environment = torch.zeros(num_nodes, n, sh.shape[1], dtype=x.dtype, device=x.device)
-        environment = environment.index_add(0, center, env_per_edge)
-        sizes = model._chunk_sizes(num_edges)
-        new_x, new_v = [], []
-        for x_k, f_k, sh_k, u_k, c_k in zip(x.split(sizes), features.split(sizes), sh.split(sizes),
-                                             envelope.split(sizes), center.split(sizes)):
-            local_env = environment.index_select(0, c_k)
-            paths = layer.tensor_product(f_k, sh_k, local_env) if layer.is_first else layer.tensor_product(f_k, local_env)
-            blocks = layer.tensor_product.split(paths)
-            update = layer.latent_mlp(x_k, layer.tensor_product.scalars(blocks)) * u_k
-            new_x.append(config.residual_old_weight * x_k + config.residual_new_weight * update)
-            if layer.mixing is not None:
-                new_v.append(layer.channel_mixing(blocks, layer.mixing.weight))
-        out = (torch.cat(new_x),)
-        return out + (torch.cat(new_v),) if new_v else out
+        new_x, v = model.slot_layer(layer, layout, x, layout.to_slots(features), envelope)
+        return (new_x,) if v is None else (new_x, v.index_select(0, layout.slot))
 
     return fn
 
@@ -300,8 +287,10 @@ def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, inde
     description = layer.tensor_product.description
     input_irreps = model.input_irreps[index]
     environment_key = kernels.register_form(kernels.environment_form(config.l_max))
+    product = layer.tensor_product
     product_key = kernels.register_form(kernels.tensor_product_form(
-        description, input_irreps, layer.tensor_product.path_columns, layer.tensor_product.output_dim))
+        description, input_irreps, product.output_row,
+        [i for _, _, paths in product.irrep_blocks.values() for i in paths], product.output_dim))
     center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=center.device))
     first_degrees = torch.tensor([l for l, _ in input_irreps for _ in range(2 * l + 1)], device=center.device)
     first_columns = torch.tensor([l * l + m for l, _ in input_irreps for m in range(2 * l + 1)], device=center.device)
@@ -313,12 +302,12 @@ def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, inde
             features = (features.index_select(1, first_degrees).transpose(1, 2)
                         * sh.index_select(1, first_columns).unsqueeze(1)).contiguous()
         paths, _ = kernels.environment_tensor_product(environment_key, product_key, weights, sh, features, center_ptr)
-        blocks = layer.tensor_product.split(paths)
+        blocks = layer.tensor_product.split(paths.transpose(1, 2).contiguous())  # as Allegro(backend="triton")
         update = layer.latent_mlp(x, layer.tensor_product.scalars(blocks)) * envelope
         new_x = config.residual_old_weight * x + config.residual_new_weight * update
         if layer.mixing is None:
             return (new_x,)
-        return new_x, layer.channel_mixing(blocks, layer.mixing.weight)
+        return new_x, layer.channel_mixing(blocks, layer.mixing.weight).transpose(1, 2)
 
     return fn
 

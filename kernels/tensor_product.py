@@ -36,7 +36,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,24 +95,25 @@ def environment_form(l_max: int) -> TrilinearForm:
 def tensor_product_form(
     description: LayerTensorProduct,
     input_irreps: Sequence[tuple[int, int]],
-    path_columns: dict[int, tuple[int, int]],
+    output_row: Callable[[int, int], int],
+    paths: Sequence[int],
     output_dim: int,
 ) -> TrilinearForm:
-    """The channel-wise product of the paths in `path_columns` (path index -> its output columns), reading V
-    with the irreps `input_irreps` (in that order) and writing T with `output_dim` columns."""
+    """The channel-wise product of `paths`, reading V with the irreps `input_irreps` (in that order) and
+    writing component m of path p to column output_row(p, m) of T, which has `output_dim` columns."""
     in_offsets = irrep_offsets(tuple(input_irreps))
     entries = []
-    for index, (start, _) in sorted(path_columns.items(), key=lambda item: item[1]):
+    for index in paths:
         path = description.paths[index]
         v_start = in_offsets[list(input_irreps).index(description.irreps_in1[path.in1])]
         for m1, m2, m_out, value in zip(*description.nonzeros(index)):
-            entries.append((v_start + int(m1), path.l2 ** 2 + int(m2), start + int(m_out), float(value)))
+            entries.append((v_start + int(m1), path.l2 ** 2 + int(m2), output_row(index, int(m_out)), float(value)))
     operands = (
         Operand("features", False, True, in_offsets[-1]),
         Operand("environment", True, True, (description.l_max + 1) ** 2),
         Operand("product", False, True, output_dim),
     )
-    return TrilinearForm(operands, tuple(entries))
+    return TrilinearForm(operands, tuple(sorted(entries, key=lambda entry: (entry[2], entry[0], entry[1]))))
 
 
 _FORMS: dict[str, TrilinearForm] = {}

@@ -57,16 +57,17 @@ def test_compact_tensor_product_matches_description(l_max, parity):
     rng = np.random.default_rng(1)
     v = rng.standard_normal((9, n, irrep_offsets(inputs)[-1]))
     a = rng.standard_normal((9, n, (l_max + 1) ** 2))
-    out = compact(torch.as_tensor(v), torch.as_tensor(a)).numpy()
-    # description layout is irrep-major (n, 2l+1) blocks; the compact op is channel-major.
+    # The compact op takes and returns channels last.
+    out = compact(torch.as_tensor(v).transpose(1, 2), torch.as_tensor(a).transpose(1, 2)).transpose(1, 2).numpy()
+    # description layout is irrep-major (n, 2l+1) blocks.
     flat_v = np.concatenate([v[:, :, s:e].reshape(9, -1) for s, e in zip(irrep_offsets(inputs)[:-1], irrep_offsets(inputs)[1:])], 1)
     flat_a = np.concatenate([a[:, :, l * l:(l + 1) ** 2].reshape(9, -1) for l in range(l_max + 1)], 1)
     expected = layer(flat_v, flat_a)
     offset = 0
     for path in layer.paths:
         dim = 2 * path.l_out + 1
-        start, stop = compact.path_columns[path.index]
-        np.testing.assert_allclose(out[:, :, start:stop].reshape(9, -1), expected[:, offset:offset + n * dim], atol=1e-12)
+        rows = [compact.output_row(path.index, m) for m in range(dim)]
+        np.testing.assert_allclose(out[:, :, rows].reshape(9, -1), expected[:, offset:offset + n * dim], atol=1e-12)
         offset += n * dim
 
 

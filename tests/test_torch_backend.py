@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,11 +36,17 @@ def energy_force_loss(model, graph):
     return out["energy"].pow(2).sum() + out["forces"].pow(2).sum(), out
 
 
+@pytest.mark.parametrize("layout", ["slots", "edge-list"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_outputs_and_parameter_gradients_match_reference_float64(name, structures):
+def test_outputs_and_parameter_gradients_match_reference_float64(name, layout, structures):
     ref, fast = pair(CONFIGS[name], seed=len(name))
-    fast.edge_chunk_size = 37  # several chunks of unequal size: chunking must not change the function
     graph = af.AtomicGraph.from_ase(structures, r_max=ref.config.r_max)
+    if layout == "edge-list":
+        fast.max_slot_padding = 0.0  # never pad: the edge-list layout, as in traced programs
+        fast.edge_chunk_size = 37  # several chunks of unequal size: chunking must not change the function
+    else:
+        fast.max_slot_padding = float("inf")  # pad however uneven the neighbour counts (0 to 30 here)
+    assert (fast.neighbor_slots(graph) is None) == (layout == "edge-list")
     expected, actual = ref(graph), fast(graph)
     for key in ("energy", "atomic_energy", "forces", "stress"):
         assert_close(actual[key], expected[key], f"{name}: {key}", TOLERANCE[torch.float64])
@@ -86,6 +93,28 @@ def test_graph_without_edges():
     expected = fast.per_species_energy_shift[[2, 0]].sum()
     assert float(out["energy"][0]) == pytest.approx(float(expected), abs=1e-14)
     assert float(out["forces"].abs().max()) == 0.0
+
+
+def test_uneven_neighbour_counts_choose_the_edge_list_layout_and_agree():
+    # A dense cluster next to a sparse chain: padding every atom to the largest count would more than
+    # double the edges, so the edge-list layout is used; forcing the slot layout gives the same function.
+    from ase import Atoms
+
+    rng = np.random.default_rng(8)
+    cluster = rng.uniform(0.0, 3.0, size=(16, 3))
+    chain = np.array([[9.0 + 2.6 * k, 0.0, 0.0] for k in range(30)])  # two neighbours each
+    atoms = Atoms(["C"] * 16 + ["H"] * 30, positions=np.concatenate([cluster, chain]))
+    ref, fast = pair({}, seed=9)
+    graph = af.AtomicGraph.from_ase(atoms, r_max=fast.config.r_max)
+    assert fast.neighbor_slots(graph) is None
+    expected = ref(graph)
+    edge_list = fast(graph)
+    fast.max_slot_padding = float("inf")
+    assert fast.neighbor_slots(graph) == int((graph.center_ptr[1:] - graph.center_ptr[:-1]).max())
+    slots = fast(graph)
+    for key in ("energy", "forces"):
+        assert_close(edge_list[key], expected[key], f"edge-list {key}", TOLERANCE[torch.float64])
+        assert_close(slots[key], expected[key], f"slots {key}", TOLERANCE[torch.float64])
 
 
 def test_backend_choice_is_explicit():

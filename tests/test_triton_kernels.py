@@ -57,7 +57,8 @@ def forms(l_max: int, parity: bool, channels: int, layer: int = 1):
     descriptions = describe_layers(3, l_max, parity, channels)
     description = descriptions[layer]
     grouped = _GroupedPaths(description, description.needed_paths)
-    product = kernels.tensor_product_form(description, description.irreps_in1, grouped.path_columns, grouped.output_dim)
+    product = kernels.tensor_product_form(description, description.irreps_in1, grouped.output_row,
+                                          description.needed_paths, grouped.output_dim)
     return kernels.environment_form(l_max), product
 
 
