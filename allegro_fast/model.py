@@ -160,6 +160,8 @@ class Allegro(AllegroPotential):
                                    "use backend='torch' on machines without it")
         super().__init__(config)
         self.backend = backend
+        if backend == "triton":
+            self._triton_forms()  # now, not inside a traced call (make_fx cannot run e3nn's wigner_3j)
 
     def build(self, config: AllegroConfig) -> None:
         n, width = config.num_tensor_features, config.num_scalar_features

@@ -288,3 +288,25 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ensure_triton_device(torch.zeros(3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_model_through_force_field_and_export(device, tmp_path):
+    """The Triton backend behind the deployment paths: `ForceField` (plain tensors, the LAMMPS and
+    AOTInductor entry) and `export_model` (make_fx + torch.export, dynamic sizes) give the eager numbers,
+    also for a system of another size than the example."""
+    from allegro_fast.export import ForceField, export_model, graph_inputs, load_exported
+
+    torch.manual_seed(0)
+    config = small_config(num_layers=2, l_max=1, num_tensor_features=3)
+    model = af.Allegro(config, backend="triton").double().to(device)
+    example = af.AtomicGraph.from_ase(ethanol(1), r_max=config.r_max).to(device=device)
+    other = af.AtomicGraph.from_ase(lonely_and_pair(), r_max=config.r_max).to(device=device)
+    program = load_exported(export_model(model, example, tmp_path / "triton.pt2"))
+    force_field = ForceField(model)
+    for graph in (example, other):
+        expected = model(graph, compute_stress=True, create_graph=False)
+        for label, out in (("ForceField", force_field(*graph_inputs(graph))), ("export", program(graph))):
+            for key in ("energy", "forces", "stress"):
+                assert relative_error(out[key], expected[key].detach()) < TOLERANCE[torch.float64], (label, key)
