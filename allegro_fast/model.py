@@ -56,17 +56,20 @@ class ScalarMLP(nn.Module):
         self.activation_scale = normalize2mom(nn.functional.silu).cst
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """MLP of the concatenation of the inputs (the first matmul is split instead of concatenating)."""
+        """MLP of the concatenation of the inputs (the first matmul is split instead of concatenating). The
+        activation's normalisation constant is folded into the next (small) weight matrix, not applied to the
+        (E, width) activations."""
         first = self.layer0.weight / self.layer0.weight.shape[0] ** 0.5
         if len(inputs) == 1:
             x = inputs[0] @ first
         else:
             parts = first.split([part.shape[1] for part in inputs])
-            x = sum(part @ weight for part, weight in zip(inputs, parts))
+            x = inputs[-1] @ parts[-1]
+            for part, weight in zip(inputs[:-1], parts[:-1]):
+                x = torch.addmm(x, part, weight)
         for k in range(1, self.num_layers):
-            x = nn.functional.silu(x) * self.activation_scale
             weight = getattr(self, f"layer{k}").weight
-            x = x @ (weight / weight.shape[0] ** 0.5)
+            x = nn.functional.silu(x) @ (weight * (self.activation_scale / weight.shape[0] ** 0.5))
         return x
 
 
@@ -263,8 +266,8 @@ class Allegro(AllegroPotential):
         scalars = layer.tensor_product.scalars(blocks)
         if layer.mixing is not None:
             v = layer.channel_mixing(blocks, layer.mixing.weight)
-        update = layer.latent_mlp(x, scalars.index_select(0, layout.slot)) * envelope
-        x = config.residual_old_weight * x + config.residual_new_weight * update
+        update = layer.latent_mlp(x, scalars.index_select(0, layout.slot))
+        x = torch.addcmul(config.residual_old_weight * x, update, envelope * config.residual_new_weight)
         return x, (v if layer.mixing is not None else None)
 
     def _edge_list_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
