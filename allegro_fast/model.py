@@ -139,14 +139,17 @@ class NeighborSlots:
     def build(cls, center: torch.Tensor, center_ptr: torch.Tensor, num_atoms: int, slots: int,
               harmonics: torch.Tensor) -> NeighborSlots:
         edge_in_atom = torch.arange(center.shape[0], device=center.device) - center_ptr[:-1].index_select(0, center)
-        layout = cls(center * slots + edge_in_atom, slots, num_atoms, harmonics, harmonics)
-        layout.harmonics = layout.to_slots(harmonics)
-        layout.harmonics_by_atom = layout.harmonics.view(num_atoms, slots, -1).transpose(1, 2)
-        return layout
+        slot = center * slots + edge_in_atom
+        padded = _scatter_rows(harmonics, slot, num_atoms * slots)
+        return cls(slot, slots, num_atoms, padded, padded.view(num_atoms, slots, -1).transpose(1, 2))
 
     def to_slots(self, per_edge: torch.Tensor) -> torch.Tensor:
-        padded = per_edge.new_zeros((self.num_atoms * self.slots, *per_edge.shape[1:]))
-        return padded.index_copy(0, self.slot, per_edge)
+        return _scatter_rows(per_edge, self.slot, self.num_atoms * self.slots)
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Zeros with rows[k] placed at row index[k] (index_copy: its backward is a gather of rows)."""
+    return rows.new_zeros((num_rows, *rows.shape[1:])).index_copy(0, index, rows)
 
 
 class Allegro(AllegroPotential):
@@ -321,8 +324,7 @@ class Allegro(AllegroPotential):
             keys = []
             for description, irreps, layer in zip(descriptions, self.input_irreps, self.layers):
                 product = layer.tensor_product
-                form = kernels.tensor_product_form(description, irreps, product.output_row,
-                                                   [i for _, _, paths in product.irrep_blocks.values() for i in paths],
+                form = kernels.tensor_product_form(description, irreps, product.output_row, product.path_indices,
                                                    product.output_dim)
                 keys.append((environment_key, kernels.register_form(form)))
             first_columns = [l * l + m for l, _ in self.input_irreps[0] for m in range(2 * l + 1)]

@@ -27,6 +27,11 @@ ops (never one per path), in three specialisations:
       T += cg_{l2} @ outer_{l2}                                          cg_{l2}: (P, D (2 l2 + 1))
 
 Channel mixing is one matmul per output irrep over all its paths and channels.
+
+Every product also takes `slots` = K (the model's neighbour-slot layout): rows are then K slots per atom and
+the environment is given per atom, (N, (l_max+1)^2, n), and broadcast over the atom's slots instead of being
+gathered per edge. The first layer then contracts the environment with the Clebsch-Gordan coefficients once
+per atom, G_i = cg . A_i, and multiplies it by the slots' harmonics, Y (K, (l_max+1)^2) @ G_i.
 """
 
 from __future__ import annotations
@@ -65,6 +70,11 @@ class _GroupedPaths(nn.Module):
             self.irrep_blocks[irrep] = (row, stop, paths)
             row = stop
         self.output_dim = row
+
+    @property
+    def path_indices(self) -> tuple[int, ...]:
+        """The computed paths, in row order (grouped by output irrep)."""
+        return tuple(index for _, _, paths in self.irrep_blocks.values() for index in paths)
 
     def output_row(self, path_index: int, m: int) -> int:
         """Row of T holding component m of path `path_index`."""

@@ -289,8 +289,7 @@ def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, inde
     environment_key = kernels.register_form(kernels.environment_form(config.l_max))
     product = layer.tensor_product
     product_key = kernels.register_form(kernels.tensor_product_form(
-        description, input_irreps, product.output_row,
-        [i for _, _, paths in product.irrep_blocks.values() for i in paths], product.output_dim))
+        description, input_irreps, product.output_row, product.path_indices, product.output_dim))
     center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=center.device))
     first_degrees = torch.tensor([l for l, _ in input_irreps for _ in range(2 * l + 1)], device=center.device)
     first_columns = torch.tensor([l * l + m for l, _ in input_irreps for m in range(2 * l + 1)], device=center.device)
