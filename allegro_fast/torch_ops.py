@@ -168,7 +168,7 @@ class ScalarPathsProduct(_GroupedPaths):
         self.register_buffer("environment_rows", torch.as_tensor(env_rows), persistent=False)
         # The product is split into all irrep blocks of V (split's backward is one cat, where slicing
         # would fill a zero tensor per block); the scalar paths sum their blocks.
-        self.block_sizes = [stop - start for start, stop in zip(in_offsets[:-1], in_offsets[1:])]
+        self.block_sizes = [2 * l + 1 for l, _ in input_irreps]
         self.block_of_sum = [in_offsets.index(start) for start, _, _ in self.sums]
 
     def forward(self, features: torch.Tensor, environment: torch.Tensor, slots: int | None = None) -> torch.Tensor:
