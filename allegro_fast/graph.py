@@ -114,7 +114,7 @@ class AtomicGraph:
         return int(self.edge_index.shape[1])
 
     def edge_vectors(self, positions: Optional[torch.Tensor] = None, cell: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """r_ij = positions[j] - positions[i] + S_ij @ cell[batch[i]], shape (E, 3).
+        """r_ij = positions[j] - positions[i] + S_ij @ cell[batch[i]], shape (E, 3) (a transposed view).
 
         ``positions`` and ``cell`` default to the graph's own; pass others (e.g. strained, or in another
         dtype, with requires_grad) to differentiate with respect to them.
@@ -122,14 +122,17 @@ class AtomicGraph:
         positions = self.positions if positions is None else positions
         cell = self.cell if cell is None else cell
         centers, neighbours = self.edge_index
-        shifts = self.edge_shift.to(positions.dtype)
-        if cell.shape[0] == 1:
-            shift_vectors = shifts @ cell[0]
-        else:
-            edge_cell = cell.index_select(0, self.batch.index_select(0, centers))  # (E, 3, 3)
-            shift_vectors = torch.einsum("ek,ekc->ec", shifts, edge_cell)
+        # Computed component-major, (3, E), and returned as its (E, 3) transpose (a view): on a CPU an op over
+        # rows of three costs many times one over long contiguous rows, and the model reads x, y, z apart.
         # index_select, whose backward is an index_add (indexing's is a slower accumulating index_put).
-        return positions.index_select(0, neighbours) - positions.index_select(0, centers) + shift_vectors
+        columns = positions.t().contiguous()
+        differences = columns.index_select(1, neighbours) - columns.index_select(1, centers)
+        shifts = self.edge_shift.t().to(positions.dtype, memory_format=torch.contiguous_format)  # (3, E)
+        if cell.shape[0] == 1:
+            return torch.addmm(differences, cell[0].t(), shifts).t()
+        # Per edge, the cell of its structure: (3 k, 3 c, E) entries cell[b, k, c], then sum_k S_k cell[k, c].
+        edge_cell = cell.reshape(-1, 9).t().index_select(1, self.batch.index_select(0, centers)).view(3, 3, -1)
+        return (differences + (shifts.unsqueeze(1) * edge_cell).sum(0)).t()
 
     # ------------------------------------------------------------------------------
     # Construction

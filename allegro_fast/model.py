@@ -25,9 +25,9 @@ from e3nn.math import normalize2mom
 from torch import nn
 
 from .config import AllegroConfig
+from .geometry import edge_geometry, harmonic_matrix
 from .graph import AtomicGraph
 from .potential import AllegroPotential
-from .radial import bessel_basis, polynomial_envelope
 from .tensor_product import LayerTensorProduct, describe_layers
 from .torch_ops import (
     ChannelMixing,
@@ -56,10 +56,8 @@ class ScalarMLP(nn.Module):
         self.activation_scale = normalize2mom(nn.functional.silu).cst
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """MLP of the concatenation of the inputs (the first matmul is split instead of concatenating). The
-        activation's normalisation constant is folded into the next (small) weight matrix, not applied to the
-        (E, width) activations."""
-        first = self.layer0.weight / self.layer0.weight.shape[0] ** 0.5
+        """MLP of the concatenation of the inputs (the first matmul is split instead of concatenating)."""
+        first = self.first_weight()
         if len(inputs) == 1:
             x = inputs[0] @ first
         else:
@@ -67,6 +65,15 @@ class ScalarMLP(nn.Module):
             x = inputs[-1] @ parts[-1]
             for part, weight in zip(inputs[:-1], parts[:-1]):
                 x = torch.addmm(x, part, weight)
+        return self.after_first(x)
+
+    def first_weight(self) -> torch.Tensor:
+        """The first layer's weight with its 1/sqrt(fan_in) normalisation, (num_in, width)."""
+        return self.layer0.weight / self.layer0.weight.shape[0] ** 0.5
+
+    def after_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers after the first matmul. The activation's normalisation constant is folded into the next
+        (small) weight matrix, not applied to the (E, width) activations."""
         for k in range(1, self.num_layers):
             weight = getattr(self, f"layer{k}").weight
             x = nn.functional.silu(x) @ (weight * (self.activation_scale / weight.shape[0] ** 0.5))
@@ -186,6 +193,11 @@ class Allegro(AllegroPotential):
             for k, d in enumerate(descriptions)
         )
         self.readout_mlp = ScalarMLP([width, *config.readout_mlp_hidden, 1])
+        # Entries of the (N, (l_max+1)^2 (l_max+1) n) environment pairs that hold the l = l' blocks, in (l m, c) order.
+        entries = [(l * l + m) * (config.l_max + 1) * n + l * n + c
+                   for l in range(config.l_max + 1) for m in range(2 * l + 1) for c in range(n)]
+        self.register_buffer("environment_entries", torch.tensor(entries), persistent=False)
+        self.register_buffer("harmonic_coefficients", torch.as_tensor(harmonic_matrix(config.l_max)), persistent=False)
         self.register_buffer(
             "sh_degree", torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]), persistent=False
         )
@@ -214,13 +226,17 @@ class Allegro(AllegroPotential):
         """Per-edge geometry and the two-body latent: (x, envelope, sh, w0), shared by both torch layouts."""
         config = self.config
         center, neighbor = graph.edge_index
-        lengths = torch.linalg.norm(edge_vectors, dim=1)
-        envelope = polynomial_envelope(lengths, config.r_max, config.polynomial_p).unsqueeze(-1)
-        sh = spherical_harmonics(edge_vectors, config.l_max)  # (E, (l_max+1)^2)
-        onehot = nn.functional.one_hot(species, config.num_types).to(edge_vectors.dtype)
-        radial = bessel_basis(lengths, self.bessel_frequencies, config.r_max)
-        x = self.two_body_mlp(torch.cat([onehot.index_select(0, center), onehot.index_select(0, neighbor), radial],
-                                        dim=1)) * envelope
+        radial, envelope, sh = edge_geometry(edge_vectors, self.bessel_frequencies, config.r_max,
+                                             config.polynomial_p, self.harmonic_coefficients)
+        # MLP_2b(onehot(Z_i) | onehot(Z_j) | B(r_ij)): the one-hot part of the first matmul is a row of a
+        # (type pair, width) table, picked per edge instead of multiplied.
+        num_types = config.num_types
+        center_rows, neighbor_rows, radial_rows = self.two_body_mlp.first_weight().split(
+            [num_types, num_types, config.num_bessels])
+        pair_rows = (center_rows.unsqueeze(1) + neighbor_rows.unsqueeze(0)).view(num_types * num_types, -1)
+        pair = species.index_select(0, center) * num_types + species.index_select(0, neighbor)
+        hidden = torch.addmm(pair_rows.index_select(0, pair), radial, radial_rows)
+        x = self.two_body_mlp.after_first(hidden) * envelope
         # V^{ij,0}_{(l,m),c} = w_{l,c} Y_{l,m} stays factored: the first layer's product uses w and Y.
         w0 = self.two_body_env_linear(x).view(edge_vectors.shape[0], config.l_max + 1, config.num_tensor_features)
         return x, envelope, sh, w0
@@ -258,10 +274,10 @@ class Allegro(AllegroPotential):
         config = self.config
         n, num_atoms = config.num_tensor_features, layout.num_atoms
         weights = layout.to_slots(layer.env_linear(x, scale=config.avg_num_neighbors**-0.5))
-        # A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c}: all (l, l') pairs in one matmul, then the l = l' blocks.
+        # A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c}: all (l, l') pairs in one matmul, then the l = l' blocks
+        # in one gather (slices and a cat would each zero-fill a pairs-sized tensor in backward).
         pairs = torch.bmm(layout.harmonics_by_atom, weights.view(num_atoms, layout.slots, -1))
-        environment = torch.cat([pairs[:, l * l:(l + 1) ** 2, l * n:(l + 1) * n] for l in range(config.l_max + 1)],
-                                dim=1)  # (N, (l_max+1)^2, n)
+        environment = pairs.view(num_atoms, -1).index_select(1, self.environment_entries).view(num_atoms, -1, n)
         if layer.is_first:
             blocks = layer.tensor_product(v, layout.harmonics, environment, slots=layout.slots)
         else:

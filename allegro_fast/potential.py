@@ -24,7 +24,7 @@ from .radial import initial_bessel_frequencies
 
 
 # Buffers computed exactly at construction (float64) and never trained: restored after a dtype round trip.
-_EXACT_CONSTANT_MARKERS = ("w3j", "clebsch_gordan", "bessel_frequencies", "per_species_energy_")
+_EXACT_CONSTANT_MARKERS = ("w3j", "clebsch_gordan", "harmonic_coefficients", "bessel_frequencies", "per_species_energy_")
 
 
 def _is_backend_constant(name: str, value: torch.Tensor) -> bool:

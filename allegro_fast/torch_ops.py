@@ -102,7 +102,11 @@ class RankOneTensorProduct(_GroupedPaths):
     def __init__(self, description: LayerTensorProduct, needed_paths: tuple[int, ...]) -> None:
         super().__init__(description, needed_paths)
         sh_dim = (description.l_max + 1) ** 2
-        # Per output irrep: the contraction with Y (sh_dim, rows * sh_dim) and the degree l1 of each path.
+        # The degree l1 of every path, in row-block order (one gather of the weights serves all blocks).
+        self.register_buffer("path_degree", torch.tensor([description.paths[index].l1 for index in self.path_indices]),
+                             persistent=False)
+        self.paths_per_block = [len(paths) for _, _, paths in self.irrep_blocks.values()]
+        # Per output irrep: the contraction with Y (sh_dim, rows * sh_dim).
         for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
             contraction = np.zeros((sh_dim, stop - start, sh_dim))
             for index in paths:
@@ -113,8 +117,6 @@ class RankOneTensorProduct(_GroupedPaths):
                     contraction[path.l1 ** 2:(path.l1 + 1) ** 2, row, path.l2 ** 2:(path.l2 + 1) ** 2] = cg[:, :, m]
             self.register_buffer(f"clebsch_gordan_{block_index}", torch.as_tensor(contraction.reshape(sh_dim, -1)),
                                  persistent=False)
-            self.register_buffer(f"path_degree_{block_index}",
-                                 torch.tensor([description.paths[index].l1 for index in paths]), persistent=False)
 
     def forward(self, weights: torch.Tensor, harmonics: torch.Tensor, environment: torch.Tensor,
                 slots: int | None = None) -> dict[Irrep, torch.Tensor]:
@@ -127,6 +129,7 @@ class RankOneTensorProduct(_GroupedPaths):
         """
         num_rows, sh_dim = harmonics.shape
         channels = environment.shape[2]
+        all_path_weights = weights.index_select(1, self.path_degree).split(self.paths_per_block, dim=1)
         blocks = {}
         for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
             contraction = self.get_buffer(f"clebsch_gordan_{block_index}")
@@ -136,11 +139,10 @@ class RankOneTensorProduct(_GroupedPaths):
             else:
                 num_atoms = environment.shape[0]
                 per_atom = torch.matmul(contraction.view(sh_dim * (stop - start), sh_dim), environment)
-                product = torch.bmm(harmonics.view(num_atoms, slots, sh_dim),
-                                    per_atom.view(num_atoms, sh_dim, (stop - start) * channels))
-            product = product.view(num_rows, 2 * irrep[0] + 1, len(paths), channels)
-            path_weights = weights.index_select(1, self.get_buffer(f"path_degree_{block_index}")).unsqueeze(1)
-            blocks[irrep] = (product * path_weights).view(num_rows, stop - start, channels)
+                product = batched_matmul(harmonics.view(num_atoms, slots, sh_dim),
+                                         per_atom.view(num_atoms, sh_dim, (stop - start) * channels))
+            product = product.reshape(num_rows, 2 * irrep[0] + 1, len(paths), channels)
+            blocks[irrep] = (product * all_path_weights[block_index].unsqueeze(1)).view(num_rows, stop - start, channels)
         return blocks
 
 
@@ -254,3 +256,32 @@ class ChannelMixing(nn.Module):
             block = blocks[irrep]
             outputs.append((block.reshape(block.shape[0] * dim, num_paths * n) @ w).view(block.shape[0], dim, n))
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class _BatchedMatmul(torch.autograd.Function):
+    """torch.bmm whose gradients (and their gradients) go through `batched_matmul`."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = batched_matmul(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_b = batched_matmul(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for (B, M, K) @ (B, K, P). A result with fewer columns than rows is computed transposed,
+    (b^T a^T)^T, and so are the gradients: the CPU's batched GEMM is several times slower when the result has
+    few columns (a (K, 320) @ (320, 9) product per atom, the harmonics' gradient, takes 4x the time of its
+    transpose)."""
+    if b.shape[2] < a.shape[1]:
+        return _BatchedMatmul.apply(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+    return _BatchedMatmul.apply(a, b)

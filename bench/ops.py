@@ -170,19 +170,17 @@ def _edge_geometry(provider, model, config, vectors, common) -> OpCase:
 
         def fn(edge_vectors):  # (bessel (E, N_b), envelope (E,), harmonics (E, (l_max+1)^2)) in one kernel
             return tuple(edge_geometry(edge_vectors, frequencies, config.r_max, config.polynomial_p, config.l_max))
-    else:
-        if provider == "reference":
-            harmonics = model.spherical_harmonics
-        else:
-            from allegro_fast.model import spherical_harmonics
-
-            def harmonics(edge_vectors):
-                return spherical_harmonics(edge_vectors, config.l_max)
-
+    elif provider == "reference":
         def fn(edge_vectors):
             lengths = torch.linalg.norm(edge_vectors, dim=1)
             envelope = polynomial_envelope(lengths, config.r_max, config.polynomial_p).unsqueeze(-1)
-            return bessel_basis(lengths, frequencies, config.r_max), envelope, harmonics(edge_vectors)
+            return bessel_basis(lengths, frequencies, config.r_max), envelope, model.spherical_harmonics(edge_vectors)
+    else:  # the torch backend's own few-op geometry (allegro_fast.geometry)
+        from allegro_fast.geometry import edge_geometry
+
+        def fn(edge_vectors):
+            return edge_geometry(edge_vectors, frequencies, config.r_max, config.polynomial_p,
+                                 model.harmonic_coefficients)
 
     return OpCase(inputs=(vectors,), parameters=(), fn=fn, **common)
 

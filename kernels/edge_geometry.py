@@ -6,8 +6,8 @@ Math (DESIGN section 1, items 1 and 2), for every edge vector v (E, 3), r = |v|,
     envelope (E,)            1 - (p+1)(p+2)/2 s^p + p(p+2) s^(p+1) - p(p+1)/2 s^(p+2) for s < 1, else 0
     harmonics (E, (l+1)^2)   e3nn's component-normalised real spherical harmonics Y_lm(u), l = 0..l_max
 
-Y_l is a homogeneous polynomial of degree l in u. Its monomial coefficients are not typed in: `harmonic_polynomials`
-fits them to e3nn's own `spherical_harmonics` (an exact linear solve in float64: degree-l monomials are linearly
+Y_l is a homogeneous polynomial of degree l in u. Its monomial coefficients are not typed in:
+`allegro_fast.geometry.harmonic_polynomials` fits them to e3nn's own `spherical_harmonics` (an exact linear solve in float64: degree-l monomials are linearly
 independent on the sphere), and the kernels are generated from them, derivatives included.
 
 Backward (a second generated kernel, one program per block of edges, no reductions): the gradient with respect
@@ -20,10 +20,10 @@ functions with torch autograd from `edge_geometry_ref`: cheap per-edge work next
 from __future__ import annotations
 
 import math
-from functools import cache
 
-import numpy as np
 import torch
+
+from allegro_fast.geometry import envelope_coefficients, harmonic_polynomials
 
 from ._common import ensure_triton_device, nvtx_range
 from .tensor_product import _load_generated, function_source
@@ -38,34 +38,6 @@ def edge_geometry_ref(vectors: torch.Tensor, frequencies: torch.Tensor, r_max: f
     lengths = torch.linalg.norm(vectors, dim=1)
     harmonics = spherical_harmonics(list(range(l_max + 1)), vectors, normalize=True, normalization="component")
     return bessel_basis(lengths, frequencies, r_max), polynomial_envelope(lengths, r_max, p), harmonics
-
-
-def _monomials(degree: int) -> list[tuple[int, int, int]]:
-    return [(a, b, degree - a - b) for a in range(degree, -1, -1) for b in range(degree - a, -1, -1)]
-
-
-@cache
-def harmonic_polynomials(l_max: int) -> tuple[tuple[tuple[tuple[int, int, int], float], ...], ...]:
-    """Per spherical-harmonic column (l, m), its monomials x^a y^b z^c of the unit vector with coefficients."""
-    from e3nn.o3 import spherical_harmonics
-
-    rng = np.random.default_rng(0)
-    points = rng.normal(size=(64, 3))
-    points /= np.linalg.norm(points, axis=1, keepdims=True)
-    columns = []
-    for l in range(l_max + 1):
-        values = spherical_harmonics(l, torch.as_tensor(points), normalize=True, normalization="component").numpy()
-        monomials = _monomials(l)
-        design = np.stack([points[:, 0] ** a * points[:, 1] ** b * points[:, 2] ** c for a, b, c in monomials], 1)
-        coefficients, *_ = np.linalg.lstsq(design, values, rcond=None)
-        assert np.abs(design @ coefficients - values).max() < 1e-12, "spherical-harmonic fit failed"
-        for m in range(2 * l + 1):
-            columns.append(tuple((mono, float(c)) for mono, c in zip(monomials, coefficients[:, m]) if abs(c) > 1e-12))
-    return tuple(columns)
-
-
-def _envelope_coefficients(p: int) -> tuple[float, float, float]:
-    return (p + 1.0) * (p + 2.0) / 2.0, p * (p + 2.0), p * (p + 1.0) / 2.0
 
 
 class _Source:
@@ -148,7 +120,7 @@ def _generate(l_max: int, p: int, r_max: float, backward: bool) -> tuple[str, st
     source.emit(f"prefactor = {source.constant(math.sqrt(2.0 / r_max))}")
     for line in _GEOMETRY:
         source.emit(line)
-    a, b, c = _envelope_coefficients(p)
+    a, b, c = envelope_coefficients(p)
     cache: dict = {}
     s_p1 = _power(source, "s", p - 1, cache) if p > 1 else None
     s_p = f"{s_p1} * s" if s_p1 else "s"

@@ -147,3 +147,16 @@ def test_full_size_presets_match_reference(preset):
     expected, actual = ref(graph), fast(graph)
     for key in ("energy", "forces", "stress"):
         assert_close(actual[key], expected[key], f"{preset}: {key}", TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 7), (3, 7, 4, 2)], ids=["wide result", "tall result (transposed)"])
+def test_batched_matmul_values_and_gradients(shape):
+    from allegro_fast.torch_ops import batched_matmul
+
+    batch, rows, inner, columns = shape
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(batch, rows, inner, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(batch, inner, columns, dtype=torch.float64, generator=generator, requires_grad=True)
+    torch.testing.assert_close(batched_matmul(a, b), torch.bmm(a, b), rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(batched_matmul, (a, b))
+    assert torch.autograd.gradgradcheck(batched_matmul, (a, b))
