@@ -2,6 +2,10 @@
 
 backend="torch": pure PyTorch, CPU or CUDA. It computes exactly the reference's function with the same
 parameter names and shapes (state dicts move both ways), but only what reaches the energy:
+- the edge geometry (lengths, Bessel basis, envelope, spherical harmonics) runs over component-major
+  (3, E) edge vectors in a few ops (`geometry`): per-edge ops over rows of three cost many times more on a
+  CPU, and force training differentiates every op twice; the one-hot species part of the two-body MLP's
+  first matmul is a row of a (type pair, width) table;
 - the tensor product runs on the needed paths only (`torch_ops`): the first layer uses the rank-one
   structure of V^0 = w (x) Y, the last layer computes only the scalar paths, middle layers use one
   matmul per spherical-harmonic degree;
