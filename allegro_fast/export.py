@@ -6,6 +6,7 @@ force and stress derivatives (autograd) inside, so that the whole computation is
     forward(positions (N, 3) float, cell (B, 3, 3) float, atomic_numbers (N,) int64,
             edge_index (2, E) int64, edge_shift (E, 3) int64, batch (N,) int64)
       -> {"energy": (B,), "atomic_energy": (N,), "forces": (N, 3), "stress": (B, 3, 3), "virial": (B, 3, 3)}
+         (energies float64, the rest in the model's dtype)
 
 with graph.py's conventions (edges sorted by center; r_ij = r_j - r_i + S_ij @ cell[batch[i]]), forces
 -dE/dr in eV/Å, stress (1/V) dE/d(strain) in eV/Å^3 (zero where the cell has no volume) and virial
@@ -141,7 +142,7 @@ class ForceField(nn.Module):
             if num_structures == 1:  # a plain sum: inductor's CPU code for a scatter into one element fails
                 energy = atomic_energy.sum().unsqueeze(0)
             else:
-                energy = torch.zeros(num_structures, dtype=dtype, device=atomic_energy.device)
+                energy = torch.zeros(num_structures, dtype=atomic_energy.dtype, device=atomic_energy.device)
                 energy = energy.index_add(0, batch, atomic_energy)
             position_grad, strain_grad = torch.autograd.grad(energy.sum(), [positions, strain])
         # |a . (b x c)|: elementwise, unlike linalg.det, which AOTInductor has no C shim for

@@ -77,6 +77,8 @@ class AllegroPotential(nn.Module):
         scale = config.per_species_energy_scale or (1.0,) * num_types
         self.register_buffer("per_species_energy_shift", torch.tensor(shift, dtype=torch.get_default_dtype()))
         self.register_buffer("per_species_energy_scale", torch.tensor(scale, dtype=torch.get_default_dtype()))
+        # The shift again, kept in float64 whatever the model's dtype (see `atomic_energies`).
+        self.register_buffer("energy_shift_float64", torch.tensor(shift, dtype=torch.float64), persistent=False)
         if config.per_edge_species_scale:
             self.edge_species_scale = nn.Parameter(torch.ones(num_types, num_types))
         else:
@@ -109,8 +111,17 @@ class AllegroPotential(nn.Module):
         exact = getattr(self, "_exact_constants", {})
         for key in exact:
             if key in state_dict:
-                exact[key] = state_dict[key].detach().to(torch.float64).clone()
+                # A value that is only our exact constant rounded (a float32 model's state dict) keeps the exact one.
+                loaded = state_dict[key].detach().to(exact[key].device)
+                if not torch.equal(exact[key].to(loaded.dtype), loaded):
+                    exact[key] = loaded.to(torch.float64).clone()
+        self._keep_float64_shift()
         return result
+
+    def _keep_float64_shift(self) -> None:
+        exact = getattr(self, "_exact_constants", {}).get("per_species_energy_shift")
+        if exact is not None:
+            self.energy_shift_float64 = exact.to(self.per_species_energy_shift.device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -118,6 +129,7 @@ class AllegroPotential(nn.Module):
             buffer = self.get_buffer(name)
             with torch.no_grad():
                 buffer.copy_(exact.to(device=buffer.device, dtype=buffer.dtype))
+        self._keep_float64_shift()
         return self
 
     @property
@@ -145,13 +157,18 @@ class AllegroPotential(nn.Module):
         raise NotImplementedError
 
     def atomic_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """(N,) atomic energies E_i = sigma_Z summed_i + mu_Z, in float64 whatever the model's dtype: the
+        network's part is computed in the model's dtype, the per-species shift mu_Z (hundreds to thousands of eV
+        per atom for DFT totals) is added in float64, so a float32 model's total energy of aspirin (-17,600 eV)
+        is not rounded to float32's 2 meV spacing there. Gradients reach the inputs in the model's dtype."""
         center, neighbor = graph.edge_index
         edge_energy = self.edge_energies(edge_vectors, species, graph)
         if self.edge_species_scale is not None:
             edge_energy = edge_energy * self.edge_species_scale[species[center], species[neighbor]]
         summed = torch.zeros(graph.num_nodes, dtype=edge_energy.dtype, device=edge_energy.device)
         summed = summed.index_add(0, center, edge_energy) / self.config.avg_num_neighbors**0.5
-        return self.per_species_energy_scale[species] * summed + self.per_species_energy_shift[species]
+        scaled = (self.per_species_energy_scale[species] * summed).to(torch.float64)
+        return scaled + self.energy_shift_float64.index_select(0, species)
 
     def forward(
         self,
@@ -162,7 +179,8 @@ class AllegroPotential(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Energy, per-atom energy, forces and (for periodic structures, by default) stress.
 
-        create_graph defaults to self.training, so a force loss can be differentiated again.
+        Energies are float64 for every model dtype (see `atomic_energies`); forces and stress have the model's
+        dtype. create_graph defaults to self.training, so a force loss can be differentiated again.
         """
         if compute_stress is None:
             compute_stress = bool(graph.pbc.any())
@@ -185,7 +203,7 @@ class AllegroPotential(nn.Module):
         edge_vectors = graph.edge_vectors(positions, cell)
 
         atomic_energy = self.atomic_energies(edge_vectors, species, graph)
-        energy = torch.zeros(graph.num_structures, dtype=dtype, device=atomic_energy.device)
+        energy = torch.zeros(graph.num_structures, dtype=atomic_energy.dtype, device=atomic_energy.device)
         energy = energy.index_add(0, graph.batch, atomic_energy)
         out = {"energy": energy, "atomic_energy": atomic_energy}
         if inputs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ase.build import molecule
 
 import allegro_fast as af
 from allegro_fast.testing import TOLERANCE, assert_close, assert_equivariant
@@ -160,3 +161,25 @@ def test_batched_matmul_values_and_gradients(shape):
     torch.testing.assert_close(batched_matmul(a, b), torch.bmm(a, b), rtol=1e-14, atol=1e-14)
     assert torch.autograd.gradcheck(batched_matmul, (a, b))
     assert torch.autograd.gradgradcheck(batched_matmul, (a, b))
+
+
+def test_float32_model_returns_float64_energies_with_exact_shifts():
+    # DFT-sized per-species shifts (aspirin's total is about -17,500 eV): float32 spacing there is 2 meV, so
+    # the shift is added and the energies summed in float64; the float32 model then agrees with the float64
+    # one to float32 round-off of the network's own O(1) eV part.
+    config = af.AllegroConfig(type_names=["H", "C", "O"], r_max=4.0, num_scalar_features=16, num_tensor_features=4,
+                              two_body_mlp_hidden=(16,), latent_mlp_hidden=(16,), readout_mlp_hidden=(8,),
+                              avg_num_neighbors=8.0, per_species_energy_shift=(-13.61, -1030.47, -2040.29))
+    torch.manual_seed(11)
+    model64 = af.Allegro(config).double()
+    model32 = af.Allegro(config).float()
+    model32.load_state_dict(model64.state_dict())
+    frames = [molecule("CH3CH2OH"), molecule("CH3COOH")]
+    graph = af.AtomicGraph.from_ase(frames, r_max=config.r_max)
+    out64, out32 = model64(graph), model32(graph)
+    assert out32["energy"].dtype == torch.float64 and out32["atomic_energy"].dtype == torch.float64
+    assert out32["forces"].dtype == torch.float32
+    assert float(out64["energy"].abs().min()) > 4000.0
+    assert float((out32["energy"] - out64["energy"]).abs().max()) < 1e-4
+    # The shift survives float32 <-> float64 round trips exactly.
+    assert model32.double().float().energy_shift_float64.tolist() == [-13.61, -1030.47, -2040.29]
