@@ -15,7 +15,9 @@ Tasks: "inference" = energy + forces (no stress), model.eval(); "train" = one op
 forces with create_graph, loss = per-atom energy MSE + force MSE, backward (double backward through the
 forces), Adam step. Targets are the labels where the case has them, else fixed random numbers.
 
-Providers: "torch" and "triton" (allegro_fast.Allegro backends), "reference" (ReferenceAllegro),
+Providers: "torch" and "triton" (allegro_fast.Allegro backends), "torch-compiled" (the torch backend
+compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e. `training.compile: true`,
+for training; compilation happens in the untimed first call, reported as first_call_ms), "reference" (ReferenceAllegro),
 "nequip" (nequip-allegro 0.8.3 eager), and on CUDA "nequip-triton" (its Triton tensor-product kernel,
 inference only) and "nequip-cueq" (its cuEquivariance path, where cuequivariance_torch is installed).
 nequip runs through bench/nequip_runner.py with its own interpreter (--nequip-python, default
@@ -71,7 +73,7 @@ CASES = {
     "aspirin": "rMD17 aspirin, a batch of --batch-size frames of 21 atoms",
 }
 MODELS = ("default", "speed", "rmd17")
-OUR_PROVIDERS = ("torch", "triton", "reference")
+OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "reference")
 NEQUIP_PROVIDERS = ("nequip", "nequip-triton", "nequip-cueq")
 PROVIDERS = OUR_PROVIDERS + NEQUIP_PROVIDERS
 
@@ -256,17 +258,24 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     if provider == "reference":
         model = af.reference.ReferenceAllegro(config)
     else:
-        model = af.Allegro(config, backend=provider)
+        model = af.Allegro(config, backend="torch" if provider == "torch-compiled" else provider)
     model = model.to(device=device, dtype=dtype)
     row = {"num_atoms": graph.num_nodes, "num_edges": graph.num_edges, "num_structures": graph.num_structures,
            "r_max": config.r_max, "num_parameters": sum(p.numel() for p in model.parameters())}
 
     if job["task"] == "inference":
         model.eval()
+        evaluate = model
+        if provider == "torch-compiled":
+            from allegro_fast.export import compile_model
+
+            evaluate = compile_model(model)
 
         def step():
             with nvtx_range("forward+forces"):
-                return model(graph, compute_stress=False)["forces"]
+                if provider == "torch-compiled":
+                    return evaluate(graph)["forces"]
+                return evaluate(graph, compute_stress=False)["forces"]
     else:
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -274,10 +283,18 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         energy_target = torch.as_tensor(energies, dtype=dtype, device=device)
         force_target = torch.as_tensor(forces, dtype=dtype, device=device)
         atoms_per_structure = graph.num_atoms.to(dtype)
+        forward = model
+        if provider == "torch-compiled":
+            from allegro_fast.export import TrainingForceField
+
+            training_step = TrainingForceField(model)
+
+            def forward(graph, compute_stress):
+                return training_step(graph)
 
         def step():
             with nvtx_range("forward+forces (create_graph)"):
-                out = model(graph, compute_stress=False)
+                out = forward(graph, compute_stress=False)
                 loss = (((out["energy"] - energy_target) / atoms_per_structure).pow(2).mean()
                         + (out["forces"] - force_target).pow(2).mean())
             optimizer.zero_grad(set_to_none=True)
@@ -455,11 +472,11 @@ def write_json_atomic(path: Path, value) -> None:
 
 
 def speedups(rows: list[dict]) -> dict:
-    """median(other) / median(torch or triton) for every job where both ran."""
+    """median(other) / median(ours) for every job where both ran (ours: torch, torch-compiled, triton)."""
     medians = {(r["provider"], r["case"], r["model"], r["task"]): r["median_ms"] for r in rows if "median_ms" in r}
     out = {}
     for (provider, case, model, task), ours in medians.items():
-        if provider not in ("torch", "triton"):
+        if provider not in ("torch", "torch-compiled", "triton"):
             continue
         for other in ("reference", *NEQUIP_PROVIDERS, "torch"):
             theirs = medians.get((other, case, model, task))

@@ -100,13 +100,15 @@ def graph_inputs(graph: AtomicGraph, dtype: torch.dtype | None = None) -> tuple[
 class ForceField(nn.Module):
     """Energy, per-atom energy, forces, stress and virial of plain tensors (see the module docstring).
 
-    Shares its parameters with ``model``; computes in the model's dtype.
+    Shares its parameters with ``model``; computes in the model's dtype. Outputs are detached (inference)
+    unless ``create_graph``: then forces and stress can be differentiated again, for force training.
     """
 
-    def __init__(self, model: AllegroPotential) -> None:
+    def __init__(self, model: AllegroPotential, create_graph: bool = False) -> None:
         super().__init__()
         self.model = _traceable_copy(model)
         self.r_max = float(model.config.r_max)
+        self.create_graph = create_graph
 
     def forward(
         self,
@@ -144,18 +146,20 @@ class ForceField(nn.Module):
             else:
                 energy = torch.zeros(num_structures, dtype=atomic_energy.dtype, device=atomic_energy.device)
                 energy = energy.index_add(0, batch, atomic_energy)
-            position_grad, strain_grad = torch.autograd.grad(energy.sum(), [positions, strain])
+            position_grad, strain_grad = torch.autograd.grad(energy.sum(), [positions, strain],
+                                                             create_graph=self.create_graph)
         # |a . (b x c)|: elementwise, unlike linalg.det, which AOTInductor has no C shim for
         volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=-1)).sum(-1).abs()
         has_volume = (volume > 0).view(-1, 1, 1)
         stress = strain_grad / torch.where(volume > 0, volume, torch.ones_like(volume)).view(-1, 1, 1)
-        return {
-            "energy": energy.detach(),
-            "atomic_energy": atomic_energy.detach(),
-            "forces": -position_grad.detach(),
-            "stress": torch.where(has_volume, stress, torch.zeros_like(stress)).detach(),
-            "virial": -strain_grad.detach(),
+        out = {
+            "energy": energy,
+            "atomic_energy": atomic_energy,
+            "forces": -position_grad,
+            "stress": torch.where(has_volume, stress, torch.zeros_like(stress)),
+            "virial": -strain_grad,
         }
+        return out if self.create_graph else {key: value.detach() for key, value in out.items()}
 
     def evaluate(self, graph: AtomicGraph) -> dict[str, torch.Tensor]:
         """Run on an AtomicGraph (its float tensors cast to the model's dtype)."""
@@ -193,6 +197,51 @@ def compile_model(
     compiled = torch.compile(force_field, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode,
                              options=options)
     return CompiledForceField(force_field, compiled)
+
+
+class TrainingForceField:
+    """Energy, forces and stress of AtomicGraphs from one compiled program, differentiable with respect to the
+    model's parameters: a force-training step without a double backward through eager ops.
+
+    make_fx traces ``ForceField(model, create_graph=True)`` (the forward and the force backward, as aten ops)
+    with the parameters as inputs and symbolic numbers of atoms and edges; torch.compile (dynamic shapes)
+    compiles that graph, and the loss backward is then a first-order backward of it. One trace per number of
+    structures in a batch (the last, smaller batch of an epoch gets its own). Traced programs use the
+    edge-list layout. ``backend`` goes to torch.compile ("inductor"; "aot_eager" traces without code
+    generation). Graphs need at least 2 atoms and 2 edges (sizes 0 and 1 are specialized while tracing).
+    """
+
+    def __init__(self, model: AllegroPotential, backend: str = "inductor") -> None:
+        self.model = model
+        self.force_field = ForceField(model, create_graph=True)
+        self.backend = backend
+        self._names = [name for name, _ in self.force_field.named_parameters()]
+        self._programs: dict[int, object] = {}
+
+    def _outputs(self, parameters: list[torch.Tensor], *inputs: torch.Tensor):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with _reparametrize_module(self.force_field, dict(zip(self._names, parameters))):
+            out = self.force_field(*inputs)
+        return out["energy"], out["forces"], out["stress"]
+
+    def __call__(self, graph: AtomicGraph) -> dict[str, torch.Tensor]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        if graph.num_nodes < 2 or graph.num_edges < 2:
+            raise ValueError(f"compiled training needs graphs with at least 2 atoms and 2 edges, got "
+                             f"{graph.num_nodes} atoms and {graph.num_edges} edges")
+        inputs = graph_inputs(graph, self.model.dtype)
+        parameters = [parameter for _, parameter in self.force_field.named_parameters()]
+        program = self._programs.get(graph.num_structures)
+        if program is None:
+            traced = make_fx(self._outputs, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+                [parameter.detach() for parameter in parameters], *inputs)
+            _views_to_reshapes(traced)
+            program = self._programs[graph.num_structures] = torch.compile(traced, dynamic=True,
+                                                                           backend=self.backend)
+        energy, forces, stress = program(parameters, *inputs)
+        return {"energy": energy, "forces": forces, "stress": stress}
 
 
 def _dynamic_shapes():

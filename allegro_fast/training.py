@@ -213,6 +213,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience)
         self.ema = ExponentialMovingAverage(self.model, settings.ema_decay)
+        self.compiled_step = None
+        if settings.compile:
+            from .export import TrainingForceField
+
+            self.compiled_step = TrainingForceField(self.model)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
         self.epoch = 0
         self.best_epoch = 0
@@ -394,7 +399,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=False)
             if local:
                 batch = self.train_set.batch(local)
-                out = self.model(batch.graph, compute_stress=need_stress and bool(batch.graph.pbc.any()))
+                if self.compiled_step is not None:
+                    out = self.compiled_step(batch.graph)
+                else:
+                    out = self.model(batch.graph, compute_stress=need_stress and bool(batch.graph.pbc.any()))
                 parts = loss_sums(out, batch, need_stress)
                 loss = settings.energy_weight * parts["energy"] / num_structures \
                     + settings.force_weight * parts["forces"] / (3 * num_atoms)

@@ -1,17 +1,17 @@
-"""Prototype measurement: a compiled force-training step on the CPU (not yet what `allegro_fast.train` runs).
+"""The compiled force-training step (`training.compile: true`, `allegro_fast.export.TrainingForceField`)
+against the eager one, on the CPU.
 
 A force loss needs the derivative of the forces, so eager training runs a double backward through every op.
-Here the energy and the forces are traced together by make_fx, with the parameters as inputs: the force
-computation (the first backward) becomes ordinary ops of one graph, torch.compile (inductor) fuses them, and
-the loss backward is a first-order backward of that graph. The step is the benchmark's: energy + force loss
-on a batch of rMD17 aspirin frames, backward, Adam.
+TrainingForceField traces the energy and the forces (the first backward) with make_fx, with the parameters as
+inputs, into one graph that torch.compile (inductor, dynamic shapes) fuses; the loss backward is then a
+first-order backward of it. The step is the benchmark's: energy + force loss on a batch of rMD17 aspirin
+frames, backward, Adam.
 
-    python bench/compiled_training.py [--layout slots|edge-list] [--batch-size 5] [--steps 20] [--out FILE]
+    python bench/compiled_training.py [--batch-size 5] [--steps 20] [--out FILE]
 
-`slots`: the eager model's neighbour-slot layout traced for this batch (static shapes, one compilation per
-batch shape). `edge-list`: the layout of traced programs, compiled with dynamic shapes. Prints and writes JSON:
-compile seconds, eager and compiled step times (interleaved), and the largest relative difference of the
-parameter gradients between the two (float32).
+Prints and writes JSON: compile seconds (the first call; inductor's cache shortens later runs), eager and
+compiled step times (interleaved), and the largest relative difference of the parameter gradients between
+the two (float32).
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.utils.stateless import _reparametrize_module
-
 import allegro_fast as af
 from allegro_fast.bench_cli import build_frames, git_commit, training_targets, write_json_atomic
+from allegro_fast.export import TrainingForceField
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", choices=["slots", "edge-list"], default="slots")
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -51,33 +48,19 @@ def main(argv=None) -> None:
     energies, forces = training_targets(frames)
     energy_target, force_target = torch.as_tensor(energies), torch.as_tensor(forces, dtype=torch.float32)
     atoms_per_structure = graph.num_atoms.double()
-    species = model.species_of(graph)
-    slots = model.neighbor_slots(graph) if args.layout == "slots" else None
-    model.neighbor_slots = lambda _graph: slots  # concrete before tracing (make_fx cannot read tensor values)
-    names = [name for name, _ in model.named_parameters()]
     parameters = list(model.parameters())
-
-    def energy_and_forces(parameter_values, positions):
-        with _reparametrize_module(model, dict(zip(names, parameter_values))):
-            positions = positions.detach().requires_grad_(True)
-            atomic_energy = model.atomic_energies(graph.edge_vectors(positions, graph.cell), species, graph)
-            energy = torch.zeros(graph.num_structures, dtype=atomic_energy.dtype).index_add(0, graph.batch,
-                                                                                            atomic_energy)
-            (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=True)
-        return energy, -gradient
 
     def loss_of(energy, forces):
         return (((energy - energy_target) / atoms_per_structure).pow(2).mean()
                 + (forces - force_target).pow(2).mean())
 
     start = time.perf_counter()
-    traced = make_fx(energy_and_forces, _allow_non_fake_inputs=True)([p.detach() for p in parameters],
-                                                                     graph.positions)
-    compiled = torch.compile(traced, dynamic=args.layout == "edge-list")
+    training_step = TrainingForceField(model)
     optimizer = torch.optim.Adam(parameters, lr=1e-3)
 
     def compiled_gradients():
-        loss = loss_of(*compiled(parameters, graph.positions))
+        out = training_step(graph)
+        loss = loss_of(out["energy"], out["forces"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -107,7 +90,7 @@ def main(argv=None) -> None:
     summary = {name: {"median_ms": sorted(v)[len(v) // 2], "p25_ms": sorted(v)[len(v) // 4], "times_ms": v}
                for name, v in steps.items()}
     result = {
-        "kind": "compiled force-training step (prototype)", "commit": git_commit(), "layout": args.layout,
+        "kind": "compiled force-training step (TrainingForceField)", "commit": git_commit(),
         "threads": args.threads, "batch_size": args.batch_size, "num_edges": graph.num_edges,
         "torch": torch.__version__, "loadavg": os.getloadavg(), "compile_s": compile_seconds,
         "max_rel_parameter_gradient_difference": difference, **summary,

@@ -129,3 +129,32 @@ def test_aoti_package_round_trip(tmp_path):
     assert loaded.r_max == model.config.r_max and loaded.type_names == list(model.config.type_names)
     for graph in [example, *others]:
         assert_matches_model(loaded(graph), model, graph, f"AOTInductor package, {graph.num_nodes} atoms")
+
+
+def test_training_force_field_gradients_match_eager():
+    """TrainingForceField: one traced program for graphs of several sizes, whose energy, forces and stress
+    have the eager model's parameter gradients (float64; aot_eager, the graph inductor would compile)."""
+    from allegro_fast.export import TrainingForceField
+
+    torch.manual_seed(0)
+    model = af.Allegro(small_config()).double()
+    training = TrainingForceField(model, backend="aot_eager")
+    parameters = list(model.parameters())
+
+    def loss(out):
+        return out["energy"].pow(2).sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
+
+    for structures in ([periodic_cho(2)], [ethanol(3), ethanol(4)], [ethanol(5), ethanol(6)]):
+        graph = af.AtomicGraph.from_ase(structures, r_max=model.config.r_max)
+        out = training(graph)
+        expected = model(graph, compute_stress=True, create_graph=True)
+        for key in ("energy", "forces", "stress"):
+            assert_close(out[key], expected[key], f"{len(structures)} structures: {key}", TOLERANCE[torch.float64])
+        ours = torch.autograd.grad(loss(out), parameters, allow_unused=True)
+        reference = torch.autograd.grad(loss(expected), parameters, allow_unused=True)
+        for name, a, b in zip([n for n, _ in model.named_parameters()], ours, reference):
+            if b is not None:
+                assert_close(a, b, f"{len(structures)} structures: d loss / d {name}", TOLERANCE[torch.float64])
+    assert sorted(training._programs) == [1, 2]  # one program per number of structures, any sizes
+    with pytest.raises(ValueError, match="at least 2 atoms and 2 edges"):
+        training(af.AtomicGraph.from_ase(lonely_and_pair()[:2], r_max=model.config.r_max))
