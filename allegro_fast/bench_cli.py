@@ -18,7 +18,8 @@ forces), Adam step. Targets are the labels where the case has them, else fixed r
 Providers: "torch" and "triton" (allegro_fast.Allegro backends), "torch-compiled" (the torch backend
 compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e. `training.compile: true`,
 for training; compilation happens in the untimed first call, reported as first_call_ms), "reference" (ReferenceAllegro),
-"nequip" (nequip-allegro 0.8.3 eager), and on CUDA "nequip-triton" (its Triton tensor-product kernel,
+"nequip" (nequip-allegro 0.8.3 eager), "nequip-compiled" (training with its compile_mode="compile":
+make_fx + torch.compile, compiled in the untimed first call), and on CUDA "nequip-triton" (its Triton tensor-product kernel,
 inference only) and "nequip-cueq" (its cuEquivariance path, where cuequivariance_torch is installed).
 nequip runs through bench/nequip_runner.py with its own interpreter (--nequip-python, default
 $NEQUIP_PYTHON, /work/venv-nequip/bin/python, or this interpreter if it can import nequip): it changes
@@ -74,7 +75,7 @@ CASES = {
 }
 MODELS = ("default", "speed", "rmd17")
 OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "reference")
-NEQUIP_PROVIDERS = ("nequip", "nequip-triton", "nequip-cueq")
+NEQUIP_PROVIDERS = ("nequip", "nequip-compiled", "nequip-triton", "nequip-cueq")
 PROVIDERS = OUR_PROVIDERS + NEQUIP_PROVIDERS
 
 # (case, model, task) per device; --cases/--models/--tasks filter these, --jobs replaces them.
@@ -361,7 +362,10 @@ def unavailable_reason(provider: str, device: str, task: str, nequip_python: str
             return "nequip-allegro not installed (no --nequip-python, $NEQUIP_PYTHON, /work/venv-nequip, or nequip here)"
         if not NEQUIP_RUNNER.exists():
             return f"{NEQUIP_RUNNER} not found (run from a source checkout)"
-        if provider != "nequip" and device != "cuda":
+        if provider == "nequip-compiled" and task != "train":
+            return ("nequip-compiled is its train-time compile_mode='compile'; its compiled inference is "
+                    "AOTInductor (bench/nequip_runner.py --compile aotinductor)")
+        if provider not in ("nequip", "nequip-compiled") and device != "cuda":
             return f"{provider} needs CUDA"
         if provider == "nequip-triton" and task == "train":
             return "nequip's Triton kernel is inference-only (TritonContracter runs only when not training)"

@@ -210,6 +210,7 @@ PROVIDER_MODIFIERS = {
     "nequip": [],
     "nequip-triton": ["enable_TritonContracter"],  # inference on CUDA only
     "nequip-cueq": ["enable_CuEquivarianceContracter"],  # needs cuequivariance_torch
+    "nequip-compiled": [],  # training with nequip's compile_mode="compile" (make_fx + torch.compile)
 }
 
 
@@ -363,6 +364,8 @@ def run_one_job(provider, job, settings):
     data = AtomicDataDict.to_(data, device)
     num_atoms, num_edges = AtomicDataDict.num_nodes(data), AtomicDataDict.num_edges(data)
     kwargs = model_kwargs(job["type_names"], job["dtype"], num_edges / num_atoms, settings["seed"], preset=preset)
+    if provider == "nequip-compiled":
+        kwargs["compile_mode"] = "compile"  # nequip's train-time CompileGraphModel
     model = allegro.model.AllegroModel(**kwargs)
     modifiers = PROVIDER_MODIFIERS[provider]
     if modifiers:
