@@ -238,8 +238,10 @@ class Allegro(AllegroPotential):
         center_rows, neighbor_rows, radial_rows = self.two_body_mlp.first_weight().split(
             [num_types, num_types, config.num_bessels])
         pair_rows = (center_rows.unsqueeze(1) + neighbor_rows.unsqueeze(0)).view(num_types * num_types, -1)
-        pair = species.index_select(0, center) * num_types + species.index_select(0, neighbor)
-        hidden = torch.addmm(pair_rows.index_select(0, pair), radial, radial_rows)
+        if num_types > 1:
+            pair_rows = pair_rows.index_select(0, species.index_select(0, center) * num_types
+                                               + species.index_select(0, neighbor))
+        hidden = torch.addmm(pair_rows, radial, radial_rows)  # one species: the single row is broadcast
         x = self.two_body_mlp.after_first(hidden) * envelope
         # V^{ij,0}_{(l,m),c} = w_{l,c} Y_{l,m} stays factored: the first layer's product uses w and Y.
         w0 = self.two_body_env_linear(x).view(edge_vectors.shape[0], config.l_max + 1, config.num_tensor_features)

@@ -164,7 +164,12 @@ class AllegroPotential(nn.Module):
         center, neighbor = graph.edge_index
         edge_energy = self.edge_energies(edge_vectors, species, graph)
         if self.edge_species_scale is not None:
-            edge_energy = edge_energy * self.edge_species_scale[species[center], species[neighbor]]
+            # With one species the table has one entry: broadcast it. A gather's backward would scatter into
+            # one element, which inductor's CPU code generation fails on (compiled training).
+            if self.config.num_types == 1:
+                edge_energy = edge_energy * self.edge_species_scale.view(1)
+            else:
+                edge_energy = edge_energy * self.edge_species_scale[species[center], species[neighbor]]
         summed = torch.zeros(graph.num_nodes, dtype=edge_energy.dtype, device=edge_energy.device)
         summed = summed.index_add(0, center, edge_energy) / self.config.avg_num_neighbors**0.5
         scaled = (self.per_species_energy_scale[species] * summed).to(torch.float64)

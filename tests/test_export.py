@@ -158,3 +158,27 @@ def test_training_force_field_gradients_match_eager():
     assert sorted(training._programs) == [1, 2]  # one program per number of structures, any sizes
     with pytest.raises(ValueError, match="at least 2 atoms and 2 edges"):
         training(af.AtomicGraph.from_ase(lonely_and_pair()[:2], r_max=model.config.r_max))
+
+
+def test_training_force_field_with_inductor_one_species():
+    """The inductor-compiled training program for a one-species model (whose per-edge species scale has one
+    entry: inductor's CPU code for a gather's backward into one element fails, so the model broadcasts it)."""
+    from ase.build import bulk
+
+    from allegro_fast.export import TrainingForceField
+
+    torch.manual_seed(0)
+    config = af.AllegroConfig(type_names=["Ag"], r_max=3.5, l_max=1, num_layers=1, num_scalar_features=8,
+                              num_tensor_features=3, num_bessels=4, two_body_mlp_hidden=(8,), latent_mlp_hidden=(8,),
+                              readout_mlp_hidden=(5,), avg_num_neighbors=12.0)
+    model = af.Allegro(config).double()
+    atoms = bulk("Ag", "fcc", a=4.09, cubic=True)
+    atoms.rattle(0.05, seed=2)
+    graph = af.AtomicGraph.from_ase([atoms], r_max=config.r_max)
+    out = TrainingForceField(model)(graph)
+    expected = model(graph, compute_stress=True, create_graph=True)
+    parameters = list(model.parameters())
+    loss = out["energy"].sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
+    reference = expected["energy"].sum() + expected["forces"].pow(2).sum() + expected["stress"].pow(2).sum()
+    for a, b in zip(torch.autograd.grad(loss, parameters), torch.autograd.grad(reference, parameters)):
+        assert_close(a, b, "parameter gradient", TOLERANCE[torch.float64])
