@@ -21,6 +21,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from .radial import envelope_coefficients
+
 
 def monomials(degree: int) -> list[tuple[int, int, int]]:
     """Exponents (a, b, c) of the monomials x^a y^b z^c of one degree, in a fixed order."""
@@ -79,11 +81,6 @@ def spherical_harmonics_of_units(units: torch.Tensor, coefficients: torch.Tensor
     for _ in range(2, l_max + 1):
         degrees.append((degrees[-1].unsqueeze(1) * units.unsqueeze(0)).flatten(0, 1))
     return torch.cat([ones, coefficients @ torch.cat(degrees)])
-
-
-def envelope_coefficients(p: int) -> tuple[float, float, float]:
-    """(a, b, c) of the envelope u(s) = 1 - a s^p + b s^(p+1) - c s^(p+2)."""
-    return (p + 1.0) * (p + 2.0) / 2.0, p * (p + 2.0), p * (p + 1.0) / 2.0
 
 
 def edge_geometry(vectors: torch.Tensor, frequencies: torch.Tensor, r_max: float, p: int,

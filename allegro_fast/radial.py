@@ -20,15 +20,16 @@ def bessel_basis(lengths: torch.Tensor, frequencies: torch.Tensor, r_max: float)
     return math.sqrt(2.0 / r_max) * torch.sin(frequencies * scaled) / lengths.unsqueeze(-1)
 
 
+def envelope_coefficients(p: int) -> tuple[float, float, float]:
+    """(a, b, c) of the envelope u(s) = 1 - a s^p + b s^(p+1) - c s^(p+2)."""
+    return (p + 1.0) * (p + 2.0) / 2.0, p * (p + 2.0), p * (p + 1.0) / 2.0
+
+
 def polynomial_envelope(lengths: torch.Tensor, r_max: float, p: int) -> torch.Tensor:
     """(E,) edge lengths -> (E,) smooth cutoff u(r), exactly zero at and beyond r_max."""
     x = lengths / r_max
-    envelope = (
-        1.0
-        - (p + 1.0) * (p + 2.0) / 2.0 * x.pow(p)
-        + p * (p + 2.0) * x.pow(p + 1)
-        - p * (p + 1.0) / 2.0 * x.pow(p + 2)
-    )
+    a, b, c = envelope_coefficients(p)
+    envelope = 1.0 - a * x.pow(p) + b * x.pow(p + 1) - c * x.pow(p + 2)
     return torch.where(x < 1.0, envelope, torch.zeros_like(envelope))
 
 

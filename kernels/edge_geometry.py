@@ -7,8 +7,9 @@ Math (DESIGN section 1, items 1 and 2), for every edge vector v (E, 3), r = |v|,
     harmonics (E, (l+1)^2)   e3nn's component-normalised real spherical harmonics Y_lm(u), l = 0..l_max
 
 Y_l is a homogeneous polynomial of degree l in u. Its monomial coefficients are not typed in:
-`allegro_fast.geometry.harmonic_polynomials` fits them to e3nn's own `spherical_harmonics` (an exact linear solve in float64: degree-l monomials are linearly
-independent on the sphere), and the kernels are generated from them, derivatives included.
+`allegro_fast.geometry.harmonic_polynomials` fits them to e3nn's own `spherical_harmonics` (an exact linear
+solve in float64: degree-l monomials are linearly independent on the sphere), and the kernels are generated
+from them, derivatives included.
 
 Backward (a second generated kernel, one program per block of edges, no reductions): the gradient with respect
 to v, g_v = g_r u + (g_u - (g_u . u) u) / r with g_r from the Bessel and envelope cotangents and g_u from the
@@ -23,7 +24,8 @@ import math
 
 import torch
 
-from allegro_fast.geometry import envelope_coefficients, harmonic_polynomials
+from allegro_fast.geometry import harmonic_polynomials
+from allegro_fast.radial import envelope_coefficients
 
 from ._common import ensure_triton_device, nvtx_range
 from .tensor_product import _load_generated, function_source
