@@ -101,6 +101,10 @@ class AtomicGraph:
     center_ptr: torch.Tensor  # (N + 1,) int64 CSR row pointers over edges
     r_max: float
 
+    # The torch backend's neighbour-slot count K, where a traced program (export.ForceField) is given it by its
+    # caller, as a symbolic size; None lets the model choose from center_ptr. A class attribute, not a field.
+    fixed_slots = None
+
     @property
     def num_structures(self) -> int:
         return int(self.num_atoms.shape[0])

@@ -12,9 +12,10 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
 - channel mixing keeps only the irreps the next layer uses; channels are the last axis throughout;
 - equivariant features live in the neighbour-slot layout (`NeighborSlots`): the edges of atom i are rows
   i K .. i K + K - 1 with zero rows as padding, so the environment sum and the first product are batched
-  matmuls per atom and the environment is never gathered per edge. Traced programs (torch.compile,
-  torch.export: the edge count is symbolic) and graphs whose neighbour counts are so uneven that padding
-  would more than double the edges use the edge-list layout instead: the environment sum is an index_add
+  matmuls per atom and the environment is never gathered per edge. Traced programs whose caller does not
+  fix K (torch.export, compiled training: the edge count is symbolic; `export.compile_model` fixes it) and
+  graphs whose neighbour counts are so uneven that padding would more than double the edges use the
+  edge-list layout instead: the environment sum is an index_add
   over edges sorted by center (segment_reduce has no double backward), then edges go in cache-sized chunks.
 backend="triton": the same layers, with the edge geometry and the environment sum + tensor product of each layer
 in Triton kernels (`allegro_fast.kernels`); channel mixing and the MLPs stay torch matmuls.
@@ -248,14 +249,23 @@ class Allegro(AllegroPotential):
         return x, envelope, sh, w0
 
     def neighbor_slots(self, graph: AtomicGraph) -> int | None:
-        """K for the neighbour-slot layout (the largest neighbour count), or None for the edge-list layout:
-        in traced programs (the edge count is symbolic), for graphs without edges, and where N K would pad
-        the E edges by more than `max_slot_padding`."""
+        """K for the neighbour-slot layout (the largest neighbour count), or None for the edge-list layout.
+        A traced program uses the K its caller fixed (`AtomicGraph.fixed_slots`, see `export.ForceField`), or
+        else the edge-list layout (its edge count is symbolic); eager calls choose with `slot_count`."""
+        if graph.fixed_slots is not None:
+            return graph.fixed_slots
         num_edges = graph.edge_index.shape[1]
-        if torch.compiler.is_compiling() or isinstance(num_edges, torch.SymInt) or num_edges == 0:
+        if torch.compiler.is_compiling() or isinstance(num_edges, torch.SymInt):
             return None
-        slots = int((graph.center_ptr[1:] - graph.center_ptr[:-1]).max())
-        return slots if graph.num_nodes * slots <= self.max_slot_padding * num_edges else None
+        return self.slot_count(graph.center_ptr[1:] - graph.center_ptr[:-1], num_edges)
+
+    def slot_count(self, neighbor_counts: torch.Tensor, num_edges: int) -> int | None:
+        """K = the largest of the atoms' `neighbor_counts`, or None (edge-list layout) for the triton backend,
+        graphs without edges, and where N K would pad the E edges by more than `max_slot_padding`."""
+        if self.backend != "torch" or num_edges == 0:
+            return None
+        slots = int(neighbor_counts.max())
+        return slots if neighbor_counts.shape[0] * slots <= self.max_slot_padding * num_edges else None
 
     def _torch_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         slots = self.neighbor_slots(graph)

@@ -139,8 +139,10 @@ class RankOneTensorProduct(_GroupedPaths):
             else:
                 num_atoms = environment.shape[0]
                 per_atom = torch.matmul(contraction.view(sh_dim * (stop - start), sh_dim), environment)
+                columns = (stop - start) * channels
                 product = batched_matmul(harmonics.view(num_atoms, slots, sh_dim),
-                                         per_atom.view(num_atoms, sh_dim, (stop - start) * channels))
+                                         per_atom.view(num_atoms, sh_dim, columns),
+                                         (_static_slots(slots), sh_dim, columns))
             product = product.reshape(num_rows, 2 * irrep[0] + 1, len(paths), channels)
             blocks[irrep] = (product * all_path_weights[block_index].unsqueeze(1)).view(num_rows, stop - start, channels)
         return blocks
@@ -262,26 +264,43 @@ class _BatchedMatmul(torch.autograd.Function):
     """torch.bmm whose gradients (and their gradients) go through `batched_matmul`."""
 
     @staticmethod
-    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(a: torch.Tensor, b: torch.Tensor, sizes: tuple[int, int, int]) -> torch.Tensor:
         return torch.bmm(a, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        a, b, ctx.sizes = inputs
+        ctx.save_for_backward(a, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
-        grad_a = batched_matmul(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_b = batched_matmul(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
+        m, k, p = ctx.sizes
+        grad_a = batched_matmul(grad, b.transpose(1, 2), (m, p, k)) if ctx.needs_input_grad[0] else None
+        grad_b = batched_matmul(a.transpose(1, 2), grad, (k, m, p)) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
 
 
-def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def batched_matmul(a: torch.Tensor, b: torch.Tensor, sizes: tuple[int, int, int] | None = None) -> torch.Tensor:
     """a @ b for (B, M, K) @ (B, K, P). A result with fewer columns than rows is computed transposed,
     (b^T a^T)^T, and so are the gradients: the CPU's batched GEMM is slower when the result has few columns
     (a (K, 320) @ (320, 9) product per atom, the harmonics' gradient, took 1.6 to 4.5 times as long as its
-    transpose here, depending on the operands' layout)."""
-    if b.shape[2] < a.shape[1]:
-        return _BatchedMatmul.apply(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
-    return _BatchedMatmul.apply(a, b)
+    transpose here, depending on the operands' layout).
+
+    ``sizes``: (M, K, P) as compared for that choice, by default the operands' own. In traced programs pass a
+    typical value for a symbolic size (the neighbour count): comparing it would put a guard on it, and the
+    program would be compiled again whenever it crossed the other size, for a choice that only affects speed.
+    """
+    m, k, p = (a.shape[1], a.shape[2], b.shape[2]) if sizes is None else sizes
+    if p < m:
+        return _BatchedMatmul.apply(b.transpose(1, 2), a.transpose(1, 2), (p, k, m)).transpose(1, 2)
+    return _BatchedMatmul.apply(a, b, (m, k, p))
+
+
+# Stands for the neighbour-slot count of traced programs, where it is symbolic, in `batched_matmul`'s choice.
+TYPICAL_SLOTS = 16
+
+
+def _static_slots(slots) -> int:
+    """K, or `TYPICAL_SLOTS` in a traced program (torch.compile, make_fx), where K is symbolic."""
+    return TYPICAL_SLOTS if torch.compiler.is_compiling() or isinstance(slots, torch.SymInt) else slots

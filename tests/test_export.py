@@ -21,6 +21,7 @@ from allegro_fast.export import (
     load_exported,
     load_package,
     package_model,
+    slot_template,
 )
 from allegro_fast.testing import TOLERANCE, assert_close
 
@@ -73,11 +74,17 @@ def test_force_field_matches_the_model(dtype):
 
 
 @pytest.mark.slow
-def test_compile_traces_one_graph_for_all_sizes():
-    """backend="aot_eager": Dynamo + AOTAutograd tracing without code generation (quicker than inductor)."""
+@pytest.mark.parametrize("layout", ["slots", "edge-list"])
+def test_compile_traces_one_graph_for_all_sizes(layout):
+    """backend="aot_eager": Dynamo + AOTAutograd tracing without code generation (quicker than inductor).
+    One program serves every number of atoms, edges and neighbour slots (K = 1 to 8 here)."""
     model = tiny_model(torch.float32)
+    model.max_slot_padding = float("inf") if layout == "slots" else 0.0
     compiled = compile_model(model, backend="aot_eager")
     first, *others = graphs(model.config.r_max)
+    for graph in (first, *others):
+        template = slot_template(model, graph.edge_index, graph.num_nodes)
+        assert (template is None) == (layout == "edge-list")
     assert_matches_model(compiled(first), model, first, "compiled, first call")
     with torch.compiler.set_stance("fail_on_recompile"):
         for graph in others:
