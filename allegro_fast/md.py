@@ -197,11 +197,12 @@ def run_md(
     skin: float = 1.0,
     device=None,
     initial_temperature_K: float | None = None,
+    compile: bool | str = False,
 ) -> MDResult:
     """Run ``steps`` MD steps of ``atoms`` (copied, never modified) with ``model`` and return an MDResult.
 
     model: an Allegro model (any backend, the reference, or ``allegro_fast.load(path)``'s result) or the
-    path of a saved model. skin (Å) and device go to the AllegroCalculator. progress shows a tqdm bar with
+    path of a saved model. skin (Å), device and compile go to the AllegroCalculator. progress shows a tqdm bar with
     the current temperature and conserved energy. initial_temperature_K (default: temperature_K) is the
     temperature of the initial Maxwell–Boltzmann velocities.
     """
@@ -215,7 +216,7 @@ def run_md(
     num_atoms = len(atoms)
     if num_atoms == 0:
         raise ValueError("run_md: the structure has no atoms")
-    calculator = AllegroCalculator(model, device=device, skin=skin)
+    calculator = AllegroCalculator(model, device=device, skin=skin, compile=compile)
     atoms.calc = calculator
 
     rng = np.random.default_rng(seed)

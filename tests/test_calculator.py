@@ -133,3 +133,34 @@ def test_bad_skin_is_an_error(model):
     for skin in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="skin must be a finite number"):
             AllegroCalculator(model, skin=skin)
+
+
+@pytest.mark.slow
+def test_compiled_calculator_matches_eager_along_md(model):
+    """compile="aot_eager" (Dynamo + AOTAutograd, no code generation; inductor is tested in test_export):
+    the compiled slot-layout program gives the eager results along a trajectory whose neighbour counts and
+    list rebuilds change, without compiling again."""
+    atoms = periodic_cho(4)
+    atoms.calc = AllegroCalculator(model, skin=0.3, compile="aot_eager")
+    eager = AllegroCalculator(model, skin=0.3)
+    rng = np.random.default_rng(1)
+    atoms.set_velocities(rng.normal(scale=0.02, size=(len(atoms), 3)))
+    dynamics = VelocityVerlet(atoms, 0.25 * units.fs)
+    slot_counts = set()
+
+    def step_and_compare() -> None:
+        dynamics.run(5)
+        graph = atoms.calc._graph(atoms)
+        slot_counts.add(int((graph.center_ptr[1:] - graph.center_ptr[:-1]).max()))
+        copy = atoms.copy()
+        copy.calc = eager
+        np.testing.assert_allclose(atoms.get_potential_energy(), copy.get_potential_energy(), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(atoms.get_forces(), copy.get_forces(), rtol=1e-10, atol=1e-11)
+        np.testing.assert_allclose(atoms.get_stress(), copy.get_stress(), rtol=1e-10, atol=1e-11)
+
+    step_and_compare()  # compiles
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(5):
+            step_and_compare()
+    assert atoms.calc.neighbor_list_builds >= 2
+    assert len(slot_counts) >= 2, f"the neighbour-slot count should change along the run, saw {slot_counts}"
