@@ -39,6 +39,7 @@ from .torch_ops import (
     CompactTensorProduct,
     RankOneTensorProduct,
     ScalarPathsProduct,
+    select_unique,
 )
 
 BACKENDS = ("torch", "triton")
@@ -293,7 +294,7 @@ class Allegro(AllegroPotential):
         # A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c}: all (l, l') pairs in one matmul, then the l = l' blocks
         # in one gather (slices and a cat would each zero-fill a pairs-sized tensor in backward).
         pairs = torch.bmm(layout.harmonics_by_atom, weights.view(num_atoms, layout.slots, -1))
-        environment = pairs.view(num_atoms, -1).index_select(1, self.environment_entries).view(num_atoms, -1, n)
+        environment = select_unique(pairs.view(num_atoms, -1), 1, self.environment_entries).view(num_atoms, -1, n)
         if layer.is_first:
             blocks = layer.tensor_product(v, layout.harmonics, environment, slots=layout.slots)
         else:
@@ -301,7 +302,7 @@ class Allegro(AllegroPotential):
         scalars = layer.tensor_product.scalars(blocks)
         if layer.mixing is not None:
             v = layer.channel_mixing(blocks, layer.mixing.weight)
-        update = layer.latent_mlp(x, scalars.index_select(0, layout.slot))
+        update = layer.latent_mlp(x, select_unique(scalars, 0, layout.slot))
         x = torch.addcmul(config.residual_old_weight * x, update, envelope * config.residual_new_weight)
         return x, (v if layer.mixing is not None else None)
 

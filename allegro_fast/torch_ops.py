@@ -89,8 +89,7 @@ class _GroupedPaths(nn.Module):
     @staticmethod
     def scalars(blocks: dict[Irrep, torch.Tensor]) -> torch.Tensor:
         """The (0, +1) block as (E, S n), path-major (the reference's latent-MLP input order)."""
-        block = blocks[(0, 1)]
-        return block.reshape(block.shape[0], block.shape[1] * block.shape[2])
+        return blocks[(0, 1)].flatten(1)
 
 
 class RankOneTensorProduct(_GroupedPaths):
@@ -103,8 +102,9 @@ class RankOneTensorProduct(_GroupedPaths):
         super().__init__(description, needed_paths)
         sh_dim = (description.l_max + 1) ** 2
         # The degree l1 of every path, in row-block order (one gather of the weights serves all blocks).
-        self.register_buffer("path_degree", torch.tensor([description.paths[index].l1 for index in self.path_indices]),
-                             persistent=False)
+        degrees = [description.paths[index].l1 for index in self.path_indices]
+        self.path_degree_readers = column_readers(degrees, description.l_max + 1)
+        self.register_buffer("path_degree", torch.tensor(degrees), persistent=False)
         self.paths_per_block = [len(paths) for _, _, paths in self.irrep_blocks.values()]
         # Per output irrep: the contraction with Y (sh_dim, rows * sh_dim).
         for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
@@ -120,7 +120,7 @@ class RankOneTensorProduct(_GroupedPaths):
 
     def forward(self, weights: torch.Tensor, harmonics: torch.Tensor, environment: torch.Tensor,
                 slots: int | None = None) -> dict[Irrep, torch.Tensor]:
-        """-> the output blocks (E, (2l+1) J, n), one per irrep (see `split`).
+        """-> the output blocks (E, 2l+1, J, n), one per irrep (`split` gives the same as (E, (2l+1) J, n)).
 
         With `slots` = K, rows are K neighbour slots per atom and `environment` is per atom (N, D2, n):
         the environment is contracted with the Clebsch-Gordan coefficients once per atom,
@@ -129,7 +129,8 @@ class RankOneTensorProduct(_GroupedPaths):
         """
         num_rows, sh_dim = harmonics.shape
         channels = environment.shape[2]
-        all_path_weights = weights.index_select(1, self.path_degree).split(self.paths_per_block, dim=1)
+        all_path_weights = repeat_columns(weights, self.path_degree, self.path_degree_readers).split(
+            self.paths_per_block, dim=1)
         blocks = {}
         for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
             contraction = self.get_buffer(f"clebsch_gordan_{block_index}")
@@ -144,7 +145,9 @@ class RankOneTensorProduct(_GroupedPaths):
                                          per_atom.view(num_atoms, sh_dim, columns),
                                          (_static_slots(slots), sh_dim, columns))
             product = product.reshape(num_rows, 2 * irrep[0] + 1, len(paths), channels)
-            blocks[irrep] = (product * all_path_weights[block_index].unsqueeze(1)).view(num_rows, stop - start, channels)
+            # kept (E, 2l+1, J, n): a traced program's reshape for the mixing then merges axes only (through
+            # an (E, (2l+1) J, n) view, inductor's dynamic-shape code copied the block with integer divisions)
+            blocks[irrep] = product * all_path_weights[block_index].unsqueeze(1)
         return blocks
 
 
@@ -304,3 +307,80 @@ TYPICAL_SLOTS = 16
 def _static_slots(slots) -> int:
     """K, or `TYPICAL_SLOTS` in a traced program (torch.compile, make_fx), where K is symbolic."""
     return TYPICAL_SLOTS if torch.compiler.is_compiling() or isinstance(slots, torch.SymInt) else slots
+
+
+class _SelectUnique(torch.autograd.Function):
+    """index_select along `dim` with an index without repeats; see `select_unique`."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+        return x.index_select(dim, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.dim, index = inputs
+        ctx.size = x.shape[ctx.dim]
+        ctx.save_for_backward(index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        shape = list(grad.shape)
+        shape[ctx.dim] = ctx.size
+        # index_copy (differentiable: its gradient is index_select again, for the double backward)
+        return grad.new_zeros(shape).index_copy(ctx.dim, index, grad), None, None
+
+
+def select_unique(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(dim, index) for an `index` without repeated entries (not checked). Its backward places the
+    gradient with index_copy instead of index_add: the same values, but inductor's code for an index_add is
+    a loop of atomic adds (it cannot know the entries are distinct), 3 to 4 times slower here. Eager calls
+    use index_select itself (its index_add backward was as fast, and the Function costs a little)."""
+    if not traced(x):
+        return x.index_select(dim, index)
+    return _SelectUnique.apply(x, dim, index)
+
+
+class _RepeatColumns(torch.autograd.Function):
+    """x.index_select(1, index) for a fixed index with repeats; see `repeat_columns`."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, index: torch.Tensor, readers: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        return x.index_select(1, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.readers = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        columns = []
+        for readers in ctx.readers:  # the gradient of column k: the sum of the output columns that read it
+            if not readers:
+                columns.append(torch.zeros_like(grad[:, 0]))
+                continue
+            total = grad[:, readers[0]]
+            for j in readers[1:]:
+                total = total + grad[:, j]
+            columns.append(total)
+        return torch.stack(columns, dim=1), None, None
+
+
+def repeat_columns(x: torch.Tensor, index: torch.Tensor, readers: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """x.index_select(1, index) for a constant `index` whose entries repeat; ``readers`` = `column_readers(index)`.
+    The backward sums the columns that read each input column, a few adds, instead of an index_add:
+    inductor's code for an index_add is a loop of atomic adds. Eager calls use index_select itself (with
+    the Function, eager force training was 7% slower)."""
+    if not traced(x):
+        return x.index_select(1, index)
+    return _RepeatColumns.apply(x, index, readers)
+
+
+def column_readers(index: list[int], num_columns: int) -> tuple[tuple[int, ...], ...]:
+    """For each input column k, the output columns j with index[j] == k."""
+    return tuple(tuple(j for j, k in enumerate(index) if k == column) for column in range(num_columns))
+
+
+def traced(x: torch.Tensor) -> bool:
+    """Whether `x` belongs to a traced program: torch.compile's Dynamo, or make_fx with symbolic shapes."""
+    return torch.compiler.is_compiling() or any(isinstance(size, torch.SymInt) for size in x.shape)

@@ -163,6 +163,27 @@ def test_batched_matmul_values_and_gradients(shape):
     assert torch.autograd.gradgradcheck(batched_matmul, (a, b))
 
 
+def test_traced_index_functions_match_index_select_with_gradients():
+    """The gathers that traced programs use instead of index_select (their backward avoids index_add, which
+    inductor compiles to atomic adds): the same values, gradients and second gradients, float64."""
+    from allegro_fast.torch_ops import _RepeatColumns, _SelectUnique, column_readers
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    unique = torch.tensor([5, 0, 3, 2])  # columns 1 and 4 unread: their gradient is zero
+    for dim in (0, 1):
+        index = torch.tensor([3, 0]) if dim == 0 else unique
+        torch.testing.assert_close(_SelectUnique.apply(x, dim, index), x.index_select(dim, index), rtol=0, atol=0)
+        assert torch.autograd.gradcheck(lambda t, d=dim, i=index: _SelectUnique.apply(t, d, i), (x,))
+        assert torch.autograd.gradgradcheck(lambda t, d=dim, i=index: _SelectUnique.apply(t, d, i), (x,))
+    repeated = [0, 2, 2, 5, 0, 2, 3]
+    index, readers = torch.tensor(repeated), column_readers(repeated, x.shape[1])
+    assert readers == ((0, 4), (), (1, 2, 5), (6,), (), (3,))
+    torch.testing.assert_close(_RepeatColumns.apply(x, index, readers), x.index_select(1, index), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda t: _RepeatColumns.apply(t, index, readers), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: _RepeatColumns.apply(t, index, readers), (x,))
+
+
 def test_float32_model_returns_float64_energies_with_exact_shifts():
     # DFT-sized per-species shifts (aspirin's total is about -17,500 eV): float32 spacing there is 2 meV, so
     # the shift is added and the energies summed in float64; the float32 model then agrees with the float64
