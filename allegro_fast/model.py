@@ -40,6 +40,7 @@ from .torch_ops import (
     RankOneTensorProduct,
     ScalarPathsProduct,
     select_unique,
+    traced,
 )
 
 BACKENDS = ("torch", "triton")
@@ -203,6 +204,10 @@ class Allegro(AllegroPotential):
         entries = [(l * l + m) * (config.l_max + 1) * n + l * n + c
                    for l in range(config.l_max + 1) for m in range(2 * l + 1) for c in range(n)]
         self.register_buffer("environment_entries", torch.tensor(entries), persistent=False)
+        degree_of_row = [l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]
+        mask = torch.zeros((config.l_max + 1) ** 2, config.l_max + 1, 1)
+        mask[torch.arange(len(degree_of_row)), torch.tensor(degree_of_row)] = 1.0
+        self.register_buffer("environment_mask", mask, persistent=False)
         self.register_buffer("harmonic_coefficients", torch.as_tensor(harmonic_matrix(config.l_max)), persistent=False)
         self.register_buffer(
             "sh_degree", torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]), persistent=False
@@ -294,7 +299,12 @@ class Allegro(AllegroPotential):
         # A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c}: all (l, l') pairs in one matmul, then the l = l' blocks
         # in one gather (slices and a cat would each zero-fill a pairs-sized tensor in backward).
         pairs = torch.bmm(layout.harmonics_by_atom, weights.view(num_atoms, layout.slots, -1))
-        environment = select_unique(pairs.view(num_atoms, -1), 1, self.environment_entries).view(num_atoms, -1, n)
+        if traced(pairs):
+            # as a masked sum, a reduction: inductor stores it once per atom, where it inlined the gather into
+            # every per-slot use (scalar loads through the index table)
+            environment = (pairs.view(num_atoms, pairs.shape[1], -1, n) * self.environment_mask).sum(2)
+        else:
+            environment = pairs.view(num_atoms, -1).index_select(1, self.environment_entries).view(num_atoms, -1, n)
         if layer.is_first:
             blocks = layer.tensor_product(v, layout.harmonics, environment, slots=layout.slots)
         else:
