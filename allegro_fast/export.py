@@ -33,9 +33,10 @@ What works where (torch 2.13, CPU; see the tests and the lead's README for timin
   (`load_package`) or C++ without Python. Needs a C++ compiler at package time.
 
 Number of atoms N and edges E are dynamic in exported programs, the number of structures B is fixed to the
-example's (1 for MD); exported programs use the edge-list layout. The Allegro torch backend's edge chunking (a Python loop over chunk sizes computed
-from E) cannot be traced with symbolic E, so ForceField runs the model on one chunk, and it reads the atom
-count from shapes instead of `AtomicGraph.num_nodes` (which calls int() and would specialize N).
+example's (1 for MD); exported programs use the edge-list layout. The Allegro torch backend's edge
+chunking (a Python loop over chunk sizes computed from E) cannot be traced with symbolic E, so ForceField
+runs the model on one chunk, and it reads the atom count from shapes instead of `AtomicGraph.num_nodes`
+(which calls int() and would specialize N).
 """
 
 from __future__ import annotations
@@ -232,8 +233,8 @@ class TrainingForceField:
     compiles that graph, and the loss backward is then a first-order backward of it. One trace per number of
     structures in a batch (the last, smaller batch of an epoch gets its own). It uses the edge-list layout:
     the neighbour-slot layout (`CompiledForceField`'s) took as long on Ag 256 and 1.17x as long on an aspirin
-    batch, whose slots pad the edges by 1.4x. ``backend`` goes to torch.compile ("inductor"; "aot_eager" traces without code
-    generation). Graphs need at least 2 atoms and 2 edges (sizes 0 and 1 are specialized while tracing).
+    batch, whose slots pad the edges by 1.4x. ``backend`` goes to torch.compile ("inductor"; "aot_eager"
+    traces without code generation). Graphs need at least 2 atoms and 2 edges (sizes 0 and 1 are specialized while tracing).
     """
 
     def __init__(self, model: AllegroPotential, backend: str = "inductor") -> None:

@@ -15,8 +15,8 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
   matmuls per atom and the environment is never gathered per edge. Traced programs whose caller does not
   fix K (torch.export, compiled training: the edge count is symbolic; `export.compile_model` fixes it) and
   graphs whose neighbour counts are so uneven that padding would more than double the edges use the
-  edge-list layout instead: the environment sum is an index_add
-  over edges sorted by center (segment_reduce has no double backward), then edges go in cache-sized chunks.
+  edge-list layout instead: the environment sum is an index_add over edges sorted by center
+  (segment_reduce has no double backward), then edges go in cache-sized chunks.
 backend="triton": the same layers, with the edge geometry and the environment sum + tensor product of each layer
 in Triton kernels (`allegro_fast.kernels`); channel mixing and the MLPs stay torch matmuls.
 """
@@ -204,14 +204,13 @@ class Allegro(AllegroPotential):
         entries = [(l * l + m) * (config.l_max + 1) * n + l * n + c
                    for l in range(config.l_max + 1) for m in range(2 * l + 1) for c in range(n)]
         self.register_buffer("environment_entries", torch.tensor(entries), persistent=False)
-        degree_of_row = [l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]
-        mask = torch.zeros((config.l_max + 1) ** 2, config.l_max + 1, 1)
-        mask[torch.arange(len(degree_of_row)), torch.tensor(degree_of_row)] = 1.0
+        sh_degree = torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)])
+        self.register_buffer("sh_degree", sh_degree, persistent=False)
+        # The same blocks as a 0/1 mask over the pairs' l' axis, ((l_max+1)^2, l_max+1, 1), for traced programs.
+        mask = torch.zeros(len(sh_degree), config.l_max + 1, 1)
+        mask[torch.arange(len(sh_degree)), sh_degree] = 1.0
         self.register_buffer("environment_mask", mask, persistent=False)
         self.register_buffer("harmonic_coefficients", torch.as_tensor(harmonic_matrix(config.l_max)), persistent=False)
-        self.register_buffer(
-            "sh_degree", torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)]), persistent=False
-        )
 
     edge_chunk_size: int = 1024
 
