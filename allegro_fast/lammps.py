@@ -87,6 +87,7 @@ class PairGraph:
     edge_index: torch.Tensor
     num_nodes: int
     center_ptr: torch.Tensor
+    fixed_slots = None  # as AtomicGraph's: the torch backend chooses its neighbour-slot count K itself
 
     @classmethod
     def from_sorted_pairs(cls, centers: torch.Tensor, neighbours: torch.Tensor, num_nodes: int) -> PairGraph:
