@@ -143,7 +143,7 @@ class RankOneTensorProduct(_GroupedPaths):
                 columns = (stop - start) * channels
                 product = batched_matmul(harmonics.view(num_atoms, slots, sh_dim),
                                          per_atom.view(num_atoms, sh_dim, columns),
-                                         (_static_slots(slots), sh_dim, columns))
+                                         (TYPICAL_SLOTS if traced(harmonics) else slots, sh_dim, columns))
             product = product.reshape(num_rows, 2 * irrep[0] + 1, len(paths), channels)
             # kept (E, 2l+1, J, n): a traced program's reshape for the mixing then merges axes only (through
             # an (E, (2l+1) J, n) view, inductor's dynamic-shape code copied the block with integer divisions)
@@ -304,10 +304,6 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, sizes: tuple[int, int, int]
 TYPICAL_SLOTS = 16
 
 
-def _static_slots(slots) -> int:
-    """K, or `TYPICAL_SLOTS` in a traced program (torch.compile, make_fx), where K is symbolic."""
-    return TYPICAL_SLOTS if torch.compiler.is_compiling() or isinstance(slots, torch.SymInt) else slots
-
 
 class _SelectUnique(torch.autograd.Function):
     """index_select along `dim` with an index without repeats; see `select_unique`."""
@@ -334,7 +330,7 @@ class _SelectUnique(torch.autograd.Function):
 def select_unique(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """x.index_select(dim, index) for an `index` without repeated entries (not checked). Its backward places the
     gradient with index_copy instead of index_add: the same values, but inductor's code for an index_add is
-    a loop of atomic adds (it cannot know the entries are distinct), 3 to 4 times slower here. Eager calls
+    a loop of atomic adds (it cannot know the entries are distinct). Eager calls
     use index_select itself (its index_add backward was as fast, and the Function costs a little)."""
     if not traced(x):
         return x.index_select(dim, index)
