@@ -23,7 +23,7 @@ What works where (torch 2.13, CPU; see the tests and the lead's README for timin
   any number of atoms and edges; a new number of structures B specializes (B = 1 is always special).
   The wrapper computes the torch backend's neighbour-slot count K before each call (`slot_template`) and
   passes it as a symbolic size, so the program runs the slot layout, as eager calls do, for every K; on
-  Ag 256 that made it 1.3x faster than the edge-list program (graphs that the slots would pad by more
+  Ag 256 that made it 1.2x faster than the edge-list program (graphs that the slots would pad by more
   than 2x still use the edge list, in a second program).
 * `export_model(model, example_graph, path)`: torch.export in non-strict mode (the default): autograd runs
   while tracing, so the exported graph holds the forward and the backward as aten ops. Strict mode fails
