@@ -16,7 +16,11 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
   fix K (torch.export, compiled training: the edge count is symbolic; `export.compile_model` fixes it) and
   graphs whose neighbour counts are so uneven that padding would more than double the edges use the
   edge-list layout instead: the environment sum is an index_add over edges sorted by center
-  (segment_reduce has no double backward), then edges go in cache-sized chunks.
+  (segment_reduce has no double backward), then edges go in cache-sized chunks;
+- in the slot layout the last layer reads the penultimate layer's mixed features only through its scalar
+  paths, which are linear in them: both are folded into one per-atom matrix (`torch_ops.FoldedScalarPaths`),
+  where its FLOP estimate says that pays off (the default model; not n = 128 with l_max 3). The
+  penultimate layer's non-scalar paths and mixed features are then never formed per edge.
 backend="triton": the same layers, with the edge geometry and the environment sum + tensor product of each layer
 in Triton kernels (`allegro_fast.kernels`); channel mixing and the MLPs stay torch matmuls.
 """
@@ -33,12 +37,15 @@ from .config import AllegroConfig
 from .geometry import edge_geometry, harmonic_matrix
 from .graph import AtomicGraph
 from .potential import AllegroPotential
-from .tensor_product import LayerTensorProduct, describe_layers
+from .tensor_product import LayerTensorProduct, describe_layers, irrep_offsets
 from .torch_ops import (
     ChannelMixing,
     CompactTensorProduct,
+    FoldedScalarPaths,
     RankOneTensorProduct,
     ScalarPathsProduct,
+    column_readers,
+    repeat_columns,
     select_unique,
     traced,
 )
@@ -200,12 +207,30 @@ class Allegro(AllegroPotential):
             for k, d in enumerate(descriptions)
         )
         self.readout_mlp = ScalarMLP([width, *config.readout_mlp_hidden, 1])
+        # The slot layout folds the penultimate layer's product and mixing into the last layer's scalar paths.
+        self.folded_scalars = self.penultimate_scalars = None
+        if len(descriptions) >= 2:
+            k = len(descriptions) - 2
+            penultimate = self.layers[k]
+            if penultimate.is_first:  # its input is V^0 = w (x) Y, in spherical-harmonic rows
+                offsets = [l * l for l, _ in descriptions[k].irreps_in1]
+            else:
+                starts = irrep_offsets(input_irreps[k])
+                offsets = [starts[input_irreps[k].index(irrep)] if irrep in input_irreps[k] else -1
+                           for irrep in descriptions[k].irreps_in1]
+            folded = FoldedScalarPaths(descriptions[k], penultimate.tensor_product, penultimate.channel_mixing,
+                                       descriptions[-1], offsets)
+            if folded.pays_off():
+                self.folded_scalars = folded
+                if not penultimate.is_first:  # a middle layer computes its scalar paths only
+                    self.penultimate_scalars = ScalarPathsProduct(descriptions[k], input_irreps[k])
         # Entries of the (N, (l_max+1)^2 (l_max+1) n) environment pairs that hold the l = l' blocks, in (l m, c) order.
         entries = [(l * l + m) * (config.l_max + 1) * n + l * n + c
                    for l in range(config.l_max + 1) for m in range(2 * l + 1) for c in range(n)]
         self.register_buffer("environment_entries", torch.tensor(entries), persistent=False)
         sh_degree = torch.tensor([l for l in range(config.l_max + 1) for _ in range(2 * l + 1)])
         self.register_buffer("sh_degree", sh_degree, persistent=False)
+        self.sh_degree_readers = column_readers(sh_degree.tolist(), config.l_max + 1)
         # The same blocks as a 0/1 mask over the pairs' l' axis, ((l_max+1)^2, l_max+1, 1), for traced programs.
         mask = torch.zeros(len(sh_degree), config.l_max + 1, 1)
         mask[torch.arange(len(sh_degree)), sh_degree] = 1.0
@@ -284,26 +309,64 @@ class Allegro(AllegroPotential):
         x, envelope, sh, w0 = self._two_body(edge_vectors, species, graph)
         layout = NeighborSlots.build(graph.edge_index[0], graph.center_ptr, graph.num_nodes, slots, sh)
         v = layout.to_slots(w0)  # the first layer reads w0 and Y
-        for layer in self.layers:
+        folded = self.folded_scalars is not None and not self.unfolded
+        for layer in self.layers[:-2] if folded else self.layers:
             x, v = self.slot_layer(layer, layout, x, v, envelope)
+        if folded:
+            x = self._folded_last_layers(layout, x, v, envelope)
         return self.readout_mlp(x).squeeze(-1)
+
+    # True: the slot layout runs the last two layers as written (the folded form's test oracle).
+    unfolded: bool = False
+
+    def _folded_last_layers(self, layout: NeighborSlots, x: torch.Tensor, v: torch.Tensor,
+                            envelope: torch.Tensor) -> torch.Tensor:
+        """The last two layers in the slot layout with `FoldedScalarPaths`: the penultimate layer computes its
+        scalar paths only; the last layer's scalars are one per-atom matmul of the penultimate layer's input."""
+        penultimate, last = self.layers[-2:]
+        environment = self.slot_environment(penultimate, layout, x)
+        if penultimate.is_first:
+            blocks = penultimate.tensor_product(v, layout.harmonics, environment, slots=layout.slots,
+                                                irreps=((0, 1),))
+            scalars = penultimate.tensor_product.scalars(blocks)
+            # U = V^0 = w (x) Y, (N K, (l_max+1)^2, n)
+            features = (repeat_columns(v, self.sh_degree, self.sh_degree_readers)
+                        * layout.harmonics.unsqueeze(2))
+        else:
+            scalars = self.penultimate_scalars(v, environment, slots=layout.slots).flatten(1)
+            features = v
+        x = self.slot_update(penultimate, layout, x, scalars, envelope)
+        next_environment = self.slot_environment(last, layout, x)
+        scalars = self.folded_scalars(features, environment, next_environment, penultimate.mixing.weight,
+                                      layout.slots).flatten(1)
+        return self.slot_update(last, layout, x, scalars, envelope)
+
+    def slot_environment(self, layer: TorchAllegroLayer, layout: NeighborSlots, x: torch.Tensor) -> torch.Tensor:
+        """A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c} of one layer, (N, (l_max+1)^2, n), from x (E, F)."""
+        config = self.config
+        n, num_atoms = config.num_tensor_features, layout.num_atoms
+        weights = layout.to_slots(layer.env_linear(x, scale=config.avg_num_neighbors**-0.5))
+        # All (l, l') pairs in one matmul, then the l = l' blocks in one gather (slices and a cat would each
+        # zero-fill a pairs-sized tensor in backward).
+        pairs = torch.bmm(layout.harmonics_by_atom, weights.view(num_atoms, layout.slots, -1))
+        if traced(pairs):
+            # as a masked sum, a reduction: inductor stores it once per atom, where it inlined the gather into
+            # every per-slot use (scalar loads through the index table)
+            return (pairs.view(num_atoms, pairs.shape[1], -1, n) * self.environment_mask).sum(2)
+        return pairs.view(num_atoms, -1).index_select(1, self.environment_entries).view(num_atoms, -1, n)
+
+    def slot_update(self, layer: TorchAllegroLayer, layout: NeighborSlots, x: torch.Tensor, scalars: torch.Tensor,
+                    envelope: torch.Tensor) -> torch.Tensor:
+        """The latent MLP's residual update of x (E, F) from the layer's scalar paths (N K, S n) per slot."""
+        config = self.config
+        update = layer.latent_mlp(x, select_unique(scalars, 0, layout.slot))
+        return torch.addcmul(config.residual_old_weight * x, update, envelope * config.residual_new_weight)
 
     def slot_layer(self, layer: TorchAllegroLayer, layout: NeighborSlots, x: torch.Tensor, v: torch.Tensor,
                    envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One layer in the slot layout: x (E, F) per edge, v (N K, D, n) per slot (w0 (N K, l_max+1, n) for the
         first layer) -> the new x and v (None after the last layer)."""
-        config = self.config
-        n, num_atoms = config.num_tensor_features, layout.num_atoms
-        weights = layout.to_slots(layer.env_linear(x, scale=config.avg_num_neighbors**-0.5))
-        # A_{i,(l,m),c} = sum_j Y_{(l,m)} w_{l,c}: all (l, l') pairs in one matmul, then the l = l' blocks
-        # in one gather (slices and a cat would each zero-fill a pairs-sized tensor in backward).
-        pairs = torch.bmm(layout.harmonics_by_atom, weights.view(num_atoms, layout.slots, -1))
-        if traced(pairs):
-            # as a masked sum, a reduction: inductor stores it once per atom, where it inlined the gather into
-            # every per-slot use (scalar loads through the index table)
-            environment = (pairs.view(num_atoms, pairs.shape[1], -1, n) * self.environment_mask).sum(2)
-        else:
-            environment = pairs.view(num_atoms, -1).index_select(1, self.environment_entries).view(num_atoms, -1, n)
+        environment = self.slot_environment(layer, layout, x)
         if layer.is_first:
             blocks = layer.tensor_product(v, layout.harmonics, environment, slots=layout.slots)
         else:
@@ -311,8 +374,7 @@ class Allegro(AllegroPotential):
         scalars = layer.tensor_product.scalars(blocks)
         if layer.mixing is not None:
             v = layer.channel_mixing(blocks, layer.mixing.weight)
-        update = layer.latent_mlp(x, select_unique(scalars, 0, layout.slot))
-        x = torch.addcmul(config.residual_old_weight * x, update, envelope * config.residual_new_weight)
+        x = self.slot_update(layer, layout, x, scalars, envelope)
         return x, (v if layer.mixing is not None else None)
 
     def _edge_list_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:

@@ -26,7 +26,9 @@ ops (never one per path), in three specialisations:
       outer_{l2}[e, (a, m2), c] = V[e, a, c] * A[e, l2 m2, c]             (E, D (2 l2 + 1), n)
       T += cg_{l2} @ outer_{l2}                                          cg_{l2}: (P, D (2 l2 + 1))
 
-Channel mixing is one matmul per output irrep over all its paths and channels.
+Channel mixing is one matmul per output irrep over all its paths and channels. In the neighbour-slot layout
+`FoldedScalarPaths` replaces the penultimate layer's non-scalar paths, its mixing and the last layer's product
+by one per-atom matrix (see its docstring).
 
 Every product also takes `slots` = K (the model's neighbour-slot layout): rows are then K slots per atom and
 the environment is given per atom, (N, (l_max+1)^2, n), and broadcast over the atom's slots instead of being
@@ -41,6 +43,10 @@ import torch
 from torch import nn
 
 from .tensor_product import Irrep, LayerTensorProduct, irrep_offsets
+
+# Stands for the neighbour-slot count of traced programs, where it is symbolic, in `batched_matmul`'s choice
+# (and in `FoldedScalarPaths.pays_off`).
+TYPICAL_SLOTS = 16
 
 
 def _broadcast_environment(per_edge: torch.Tensor, environment: torch.Tensor, slots: int | None, op):
@@ -106,6 +112,12 @@ class RankOneTensorProduct(_GroupedPaths):
         self.path_degree_readers = column_readers(degrees, description.l_max + 1)
         self.register_buffer("path_degree", torch.tensor(degrees), persistent=False)
         self.paths_per_block = [len(paths) for _, _, paths in self.irrep_blocks.values()]
+        # The same per block, for calls that compute some blocks only.
+        self.block_degrees = []
+        for block_index, (_, _, paths) in enumerate(self.irrep_blocks.values()):
+            block = [description.paths[index].l1 for index in paths]
+            self.register_buffer(f"path_degree_{block_index}", torch.tensor(block), persistent=False)
+            self.block_degrees.append(column_readers(block, description.l_max + 1))
         # Per output irrep: the contraction with Y (sh_dim, rows * sh_dim).
         for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
             contraction = np.zeros((sh_dim, stop - start, sh_dim))
@@ -119,20 +131,24 @@ class RankOneTensorProduct(_GroupedPaths):
                                  persistent=False)
 
     def forward(self, weights: torch.Tensor, harmonics: torch.Tensor, environment: torch.Tensor,
-                slots: int | None = None) -> dict[Irrep, torch.Tensor]:
+                slots: int | None = None, irreps: tuple[Irrep, ...] | None = None) -> dict[Irrep, torch.Tensor]:
         """-> the output blocks (E, 2l+1, J, n), one per irrep (`split` gives the same as (E, (2l+1) J, n)).
 
         With `slots` = K, rows are K neighbour slots per atom and `environment` is per atom (N, D2, n):
         the environment is contracted with the Clebsch-Gordan coefficients once per atom,
             G[i, (l1 m1), (row, c)] = sum_{(l2 m2)} cg[(l1 m1), row, (l2 m2)] A[i, (l2 m2), c],
-        and each atom's K slots take one matmul, Y (K, D2) @ G[i] (D2, rows n).
+        and each atom's K slots take one matmul, Y (K, D2) @ G[i] (D2, rows n). ``irreps``: only these output
+        blocks (default all).
         """
         num_rows, sh_dim = harmonics.shape
         channels = environment.shape[2]
-        all_path_weights = repeat_columns(weights, self.path_degree, self.path_degree_readers).split(
-            self.paths_per_block, dim=1)
+        if irreps is None:
+            all_path_weights = repeat_columns(weights, self.path_degree, self.path_degree_readers).split(
+                self.paths_per_block, dim=1)
         blocks = {}
         for block_index, (irrep, (start, stop, paths)) in enumerate(self.irrep_blocks.items()):
+            if irreps is not None and irrep not in irreps:
+                continue
             contraction = self.get_buffer(f"clebsch_gordan_{block_index}")
             if slots is None:
                 contracted = (harmonics @ contraction).view(num_rows, stop - start, sh_dim)
@@ -147,7 +163,12 @@ class RankOneTensorProduct(_GroupedPaths):
             product = product.reshape(num_rows, 2 * irrep[0] + 1, len(paths), channels)
             # kept (E, 2l+1, J, n): a traced program's reshape for the mixing then merges axes only (through
             # an (E, (2l+1) J, n) view, inductor's dynamic-shape code copied the block with integer divisions)
-            blocks[irrep] = product * all_path_weights[block_index].unsqueeze(1)
+            if irreps is None:
+                path_weights = all_path_weights[block_index]
+            else:
+                path_weights = repeat_columns(weights, self.get_buffer(f"path_degree_{block_index}"),
+                                              self.block_degrees[block_index])
+            blocks[irrep] = product * path_weights.unsqueeze(1)
         return blocks
 
 
@@ -251,16 +272,123 @@ class ChannelMixing(nn.Module):
             fan_in = n * len(description.paths_into(irrep))
             self.groups.append((irrep, [weight_offset[p] for p in paths], 2 * irrep[0] + 1, fan_in**-0.5))
 
+    def group_weight(self, group: int, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The normalised ((path, c_in), c_out) matrix of output irrep group `group` from the flat weight."""
+        n = self.channels
+        _, weight_rows, _, normalization = self.groups[group]
+        return torch.cat([weight[row:row + n * n].view(n, n) for row in weight_rows]) * (normalization * scale)
+
     def forward(self, blocks: dict[Irrep, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
         n = self.channels
         outputs = []
-        for irrep, weight_rows, dim, normalization in self.groups:
-            num_paths = len(weight_rows)
+        for group, (irrep, weight_rows, dim, _) in enumerate(self.groups):
             # ((path, c_in), c_out): contracts the (E (2l+1), paths n) view of the block.
-            w = torch.cat([weight[row:row + n * n].view(n, n) for row in weight_rows]) * normalization
             block = blocks[irrep]
-            outputs.append((block.reshape(block.shape[0] * dim, num_paths * n) @ w).view(block.shape[0], dim, n))
+            w = self.group_weight(group, weight)
+            outputs.append((block.reshape(block.shape[0] * dim, len(weight_rows) * n) @ w).view(block.shape[0], dim, n))
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class FoldedScalarPaths(nn.Module):
+    """The last layer's scalar paths composed with the penultimate layer's product and channel mixing, for the
+    neighbour-slot layout: the penultimate layer's non-scalar path blocks and its mixed features V are never
+    formed per edge.
+
+    The last layer reads V only through s[e, k, c'] = cg_k sum_m A'_i[l_k m, c'] V[e, (l_k m), c'] (A' its
+    environment, i the edge's center), V is the channel mixing of T, and T is bilinear in the penultimate layer's
+    input U (rows a) and its environment A:
+        T[e, (m, j), c] = sum_a U[e, a, c] G_i[a, (m, j), c],   G_i[a, (m, j), c] = sum_b cg_j[a, m, b] A_i[b, c].
+    So s is one matmul per atom of U with a per-atom matrix,
+        s[e, (k, c')] = sum_(a, c) U[e, a, c] S_i[(a, c), (k, c')],
+        S_i[a, c, k, c'] = cg_k sum_(paths j into l_k) W_j[c, c'] sum_m A'_i[l_k m, c'] G_i[a, (m, j), c],
+    where only the pairs (a, j) with a in path j's l1 block are nonzero. Per edge this is one (D n)-by-(L n)
+    product (D rows of U, L scalar paths) in place of the penultimate layer's full product, its mixing and the
+    last layer's contraction, which all write per-edge tensors several times larger.
+
+    forward(features U (N K, D, n), environment A (N, (l_max+1)^2, n), next_environment A' (same), mixing weight
+    (flat), slots K) -> (N K, L, n), the last layer's scalar-path block.
+    """
+
+    def __init__(self, description: LayerTensorProduct, product: _GroupedPaths, mixing: ChannelMixing,
+                 last: LayerTensorProduct, input_offsets: list[int]) -> None:
+        super().__init__()
+        self.channels = description.num_channels
+        env_dim = (description.l_max + 1) ** 2
+        # The row blocks of U (one per irrep of the penultimate layer's input that it has), in row order.
+        blocks = sorted({(input_offsets[in1], 2 * l + 1) for in1, (l, _) in enumerate(description.irreps_in1)
+                         if input_offsets[in1] >= 0})
+        self.input_dim = blocks[-1][0] + blocks[-1][1]
+        group_of = {irrep: group for group, (irrep, _, _, _) in enumerate(mixing.groups)}
+        # Per scalar path k of the last layer: (mixing group, first row of A' it reads, 2l+1, its Clebsch-Gordan
+        # value, and per row block of U: (number of paths J into the term from that block, or 0, 2l1+1)).
+        # The (a, j) pairs are ordered by block, then path, then a: the pairs of one block sum as a (J, 2l1+1) view.
+        self.terms: list[tuple[int, int, int, float, tuple[tuple[int, int], ...]]] = []
+        contraction_rows, pair_paths = [], []
+        for index in last.scalar_paths:
+            path = last.paths[index]
+            irrep = last.irreps_in1[path.in1]
+            _, _, paths = product.irrep_blocks[irrep]
+            dim = 2 * irrep[0] + 1
+            pairs, block_counts = [], []
+            for offset, size in blocks:
+                in_block = [(position, j) for position, j in enumerate(paths)
+                            if input_offsets[description.paths[j].in1] == offset]
+                pairs += [(position, j, m1) for position, j in in_block for m1 in range(size)]
+                block_counts.append((len(in_block), size))
+            rows = np.zeros((dim, len(pairs), env_dim))  # contraction rows in (m, pair) order
+            for p, (_, j, m1) in enumerate(pairs):
+                first = description.paths[j]
+                rows[:, p, first.l2 ** 2:(first.l2 + 1) ** 2] = description.clebsch_gordan[j][m1].T
+            contraction_rows.append(rows.reshape(-1, env_dim))
+            pair_paths.append(torch.tensor([position for position, _, _ in pairs]))
+            cg_last = float(last.clebsch_gordan[index][0, 0, 0])
+            self.terms.append((group_of[irrep], path.l2 ** 2, dim, cg_last, tuple(block_counts)))
+        # named for `AllegroPotential.remember_exact_constants` (float64 copies of Clebsch-Gordan tables)
+        self.register_buffer("clebsch_gordan", torch.as_tensor(np.concatenate(contraction_rows)), persistent=False)
+        for k, paths in enumerate(pair_paths):
+            self.register_buffer(f"pair_path_{k}", paths, persistent=False)
+        self._mixing = (mixing,)  # the penultimate layer's (parameter-free) module, not a submodule here
+        # FLOPs per neighbour slot, folded (per-atom matrices over `slots` slots, then the per-slot product)
+        # and not (the penultimate layer's product, its mixing into the irreps the last layer reads).
+        n2 = 2 * self.channels**2
+        self.per_atom_flop = n2 * sum(dim * sum(count * size for count, size in counts)
+                                      for _, _, dim, _, counts in self.terms)
+        self.per_slot_flop = n2 * self.input_dim * len(self.terms)
+        mixed = sum((2 * mixing.groups[group][0][0] + 1) * len(mixing.groups[group][1]) for group, *_ in self.terms)
+        self.unfolded_flop = description.flop(1) + n2 * mixed
+
+    def pays_off(self, slots: int = TYPICAL_SLOTS) -> bool:
+        """Whether folding saves work at `slots` neighbours per atom: it takes at most 0.85 of the unfolded FLOPs.
+        The margin stands for the per-atom matrices' cost that FLOPs miss (n^2 per atom): with l_max 3 and
+        n = 128 (the "rmd17" preset, aspirin) the fold estimated 1.03 of the FLOPs and ran 1.4x slower; the
+        default model estimates 0.78 and runs 1.2x faster (Ag256, eager)."""
+        return self.per_atom_flop / slots + self.per_slot_flop <= 0.85 * self.unfolded_flop
+
+    def forward(self, features: torch.Tensor, environment: torch.Tensor, next_environment: torch.Tensor,
+                weight: torch.Tensor, slots: int) -> torch.Tensor:
+        n, num_atoms = self.channels, environment.shape[0]
+        # G for every (m, pair) row of every term in one matmul: (N, rows, n)
+        contracted = torch.matmul(self.clebsch_gordan, environment)
+        num_pairs = [sum(count * size for count, size in counts) for _, _, _, _, counts in self.terms]
+        per_term = contracted.split([pairs * dim for (_, _, dim, _, _), pairs in zip(self.terms, num_pairs)], dim=1)
+        columns = []
+        for k, ((group, env_start, dim, cg, counts), pairs, g) in enumerate(zip(self.terms, num_pairs, per_term)):
+            # Q^T[i, c', (pair, c)] = sum_m A'_i[l m, c'] G_i[m, pair, c]: (N, n, m) @ (N, m, pairs n)
+            q = torch.bmm(next_environment[:, env_start:env_start + dim].transpose(1, 2),
+                          g.view(num_atoms, dim, pairs * n))
+            w = self._mixing[0].group_weight(group, weight, cg).view(-1, n, n)  # (path, c, c')
+            w = w.index_select(0, self.get_buffer(f"pair_path_{k}")).permute(2, 0, 1).reshape(n, pairs * n)
+            weighted = (q * w).view(num_atoms, n, pairs, n).split([count * size for count, size in counts], dim=2)
+            # the sum over the paths from each row block of U: (N, c', a, c)
+            parts = [part.view(num_atoms, n, count, size, n).sum(2) if count
+                     else q.new_zeros(num_atoms, n, size, n) for part, (count, size) in zip(weighted, counts)]
+            columns.append(torch.cat(parts, dim=2))
+        # S^T, (N, (k, c'), (a, c))
+        folded = torch.stack(columns, dim=1).view(num_atoms, len(self.terms) * n, self.input_dim * n)
+        width = len(self.terms) * n
+        out = batched_matmul(features.view(num_atoms, slots, self.input_dim * n), folded.transpose(1, 2),
+                             (TYPICAL_SLOTS if traced(features) else slots, self.input_dim * n, width))
+        return out.reshape(features.shape[0], len(self.terms), n)  # a copy where K > L n (computed transposed)
 
 
 class _BatchedMatmul(torch.autograd.Function):
@@ -298,10 +426,6 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, sizes: tuple[int, int, int]
     if p < m:
         return _BatchedMatmul.apply(b.transpose(1, 2), a.transpose(1, 2), (p, k, m)).transpose(1, 2)
     return _BatchedMatmul.apply(a, b, (m, k, p))
-
-
-# Stands for the neighbour-slot count of traced programs, where it is symbolic, in `batched_matmul`'s choice.
-TYPICAL_SLOTS = 16
 
 
 class _SelectUnique(torch.autograd.Function):

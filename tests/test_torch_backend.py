@@ -204,3 +204,31 @@ def test_float32_model_returns_float64_energies_with_exact_shifts():
     assert float((out32["energy"] - out64["energy"]).abs().max()) < 1e-4
     # The shift survives float32 <-> float64 round trips exactly.
     assert model32.double().float().energy_shift_float64.tolist() == [-13.61, -1030.47, -2040.29]
+
+
+@pytest.mark.parametrize("name", ["default", "l3-3layers", "se3-l3-2layers"])
+def test_folded_last_layers_match_the_layers_as_written(name, structures):
+    """FoldedScalarPaths (the penultimate layer's product and mixing folded into the last layer's scalar paths,
+    slot layout) against the same two layers run as written: outputs and the parameter gradients of an
+    energy + force loss (a double backward through the fold), float64."""
+    _, fast = pair(CONFIGS[name], seed=7)
+    fast.max_slot_padding = float("inf")
+    assert fast.folded_scalars is not None
+    graph = af.AtomicGraph.from_ase(structures, r_max=fast.config.r_max)
+    assert fast.neighbor_slots(graph) is not None
+    results = {}
+    for unfolded in (False, True):
+        fast.unfolded = unfolded
+        loss, out = energy_force_loss(fast.train(), graph)
+        results[unfolded] = out, torch.autograd.grad(loss, list(fast.parameters()))
+    (folded, folded_grads), (plain, plain_grads) = results[False], results[True]
+    for key in ("energy", "atomic_energy", "forces"):
+        assert_close(folded[key], plain[key], f"{name}: folded {key}", TOLERANCE[torch.float64])
+    for (parameter, _), grad, expected in zip(fast.named_parameters(), folded_grads, plain_grads):
+        assert_close(grad, expected, f"{name}: folded gradient of {parameter}", TOLERANCE[torch.float64])
+
+
+def test_fold_is_used_where_its_cost_estimate_says_it_pays_off():
+    assert af.Allegro(af.AllegroConfig.preset("default", ["Ag"])).folded_scalars is not None
+    assert af.Allegro(af.AllegroConfig.preset("rmd17", ["H", "C", "O"])).folded_scalars is None  # n = 128
+    assert af.Allegro(af.AllegroConfig.preset("speed", ["H"])).folded_scalars is None  # one layer
