@@ -24,7 +24,10 @@ from .radial import initial_bessel_frequencies
 
 
 # Buffers computed exactly at construction (float64) and never trained: restored after a dtype round trip.
+# Every non-persistent floating-point buffer is one too (a table derived from the configuration), except
+# `energy_shift_float64`, which is kept in float64 on its own.
 _EXACT_CONSTANT_MARKERS = ("w3j", "clebsch_gordan", "harmonic_coefficients", "bessel_frequencies", "per_species_energy_")
+_NOT_EXACT_CONSTANTS = ("energy_shift_float64",)
 
 
 def _is_backend_constant(name: str, value: torch.Tensor) -> bool:
@@ -91,12 +94,15 @@ class AllegroPotential(nn.Module):
 
     def remember_exact_constants(self) -> None:
         """Keep float64 copies of constant buffers (Clebsch-Gordan tables, Bessel frequencies, per-species
-        shift and scale), so that a model cast to float32 and back to float64 gets them back without float32
-        round-off. load_state_dict refreshes the copies of the buffers it loads."""
+        shift and scale, every non-persistent table), so that a model cast to float32 and back to float64 gets
+        them back without float32 round-off. load_state_dict refreshes the copies of the buffers it loads."""
+        non_persistent = {f"{prefix}.{name}" if prefix else name
+                          for prefix, module in self.named_modules() for name in module._non_persistent_buffers_set}
         self._exact_constants = {
             name: buffer.detach().to(torch.float64).clone()
             for name, buffer in self.named_buffers()
-            if buffer.is_floating_point() and any(marker in name for marker in _EXACT_CONSTANT_MARKERS)
+            if buffer.is_floating_point() and name not in _NOT_EXACT_CONSTANTS
+            and (name in non_persistent or any(marker in name for marker in _EXACT_CONSTANT_MARKERS))
         }
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
