@@ -21,8 +21,8 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
   paths, which are linear in them: both are folded into one per-atom matrix (`torch_ops.FoldedScalarPaths`),
   where its FLOP estimate says that pays off (the default model; not n = 128 with l_max 3). The
   penultimate layer's non-scalar paths and mixed features are then never formed per edge.
-backend="triton": the same layers, with the edge geometry and the environment sum + tensor product of each layer
-in Triton kernels (`allegro_fast.kernels`); channel mixing and the MLPs stay torch matmuls.
+backend="triton": the same layers, with the edge geometry and, per layer, the environment sum, tensor product and
+channel mixing in Triton kernels (`allegro_fast.kernels`, one fused kernel per layer); the MLPs stay torch.
 """
 
 from __future__ import annotations
@@ -417,57 +417,60 @@ class Allegro(AllegroPotential):
                 v = torch.cat(new_v) if len(new_v) > 1 else new_v[0]
         return self.readout_mlp(x).squeeze(-1)
 
-    def _triton_forms(self) -> list[tuple[str, str]]:
-        """Register the layers' trilinear forms with the kernels (once per model): (environment, product) keys."""
-        if getattr(self, "_form_keys", None) is None:
+    def _triton_forms(self) -> list[str]:
+        """Register the layers' fused forms with the kernels (once per model): one key per layer."""
+        if getattr(self, "_layer_keys", None) is None:
             from .kernels import tensor_product as kernels
 
-            environment_key = kernels.register_form(kernels.environment_form(self.config.l_max))
             descriptions = describe_layers(self.config.num_layers, self.config.l_max, self.config.parity,
                                            self.config.num_tensor_features)
             keys = []
             for description, irreps, layer in zip(descriptions, self.input_irreps, self.layers):
-                product = layer.tensor_product
-                form = kernels.tensor_product_form(description, irreps, product.output_row, product.path_indices,
-                                                   product.output_dim)
-                keys.append((environment_key, kernels.register_form(form)))
+                output_irreps = [] if layer.mixing is None else [group[0] for group in layer.channel_mixing.groups]
+                form = kernels.fused_layer_form(description, irreps, layer.tensor_product, output_irreps)
+                keys.append(kernels.register_layer(form))
             first_columns = [l * l + m for l, _ in self.input_irreps[0] for m in range(2 * l + 1)]
             self._first_harmonic_columns = torch.tensor(first_columns)
             self._first_degrees = torch.tensor([l for l, _ in self.input_irreps[0] for _ in range(2 * l + 1)])
-            self._form_keys = keys
-        return self._form_keys
+            self._layer_keys = keys
+        return self._layer_keys
+
+    def triton_layer(self, index: int, x: torch.Tensor, features: torch.Tensor, harmonics: torch.Tensor,
+                     envelope: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer `index` through the fused kernel: (x^L, V^L or None in the last layer) from x^{L-1} (E, F),
+        V^{L-1} (E, D_in, n) (for the first layer w^0 (E, l_max+1, n)), Y, the envelope (E, 1)."""
+        from .kernels.tensor_product import fused_layer
+
+        config, layer = self.config, self.layers[index]
+        n, num_edges = config.num_tensor_features, x.shape[0]
+        key = self._triton_forms()[index]
+        if layer.is_first:  # V^{ij,0}_{(l,m), c} = w_{l, c} Y_{l m}, in the columns the first layer reads
+            device = x.device
+            features = (features.index_select(1, self._first_degrees.to(device))
+                        * harmonics.index_select(1, self._first_harmonic_columns.to(device)).unsqueeze(-1))
+        weights = layer.env_linear(x, scale=config.avg_num_neighbors**-0.5).view(num_edges, config.l_max + 1, n)
+        if layer.mixing is None:
+            mixing = x.new_zeros((0, n, n))
+        else:
+            mixing = torch.cat([layer.channel_mixing.group_weight(group, layer.mixing.weight)
+                                for group in range(len(layer.channel_mixing.groups))]).view(-1, n, n)
+        scalars, mixed = fused_layer(key, weights, harmonics, features, mixing, center_ptr)
+        update = layer.latent_mlp(x, scalars.flatten(1)) * envelope
+        x = config.residual_old_weight * x + config.residual_new_weight * update
+        return x, (mixed if layer.mixing is not None else None)
 
     def _triton_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
-        """The same function through the fused kernels: per layer one environment + tensor-product op."""
+        """The same function through the fused kernels: edge geometry, then one fused op per layer."""
         from .kernels.edge_geometry import edge_geometry
-        from .kernels.tensor_product import environment_tensor_product
 
         config = self.config
-        n = config.num_tensor_features
-        num_edges = edge_vectors.shape[0]
-        form_keys = self._triton_forms()
         center, neighbor = graph.edge_index
         radial, envelope, sh = edge_geometry(edge_vectors, self.bessel_frequencies, config.r_max,
                                              config.polynomial_p, config.l_max)
         envelope = envelope.unsqueeze(-1)
         onehot = nn.functional.one_hot(species, config.num_types).to(edge_vectors.dtype)
         x = self.two_body_mlp(torch.cat([onehot[center], onehot[neighbor], radial], dim=1)) * envelope
-
-        # V^{ij,0}_{c,(l,m)} = w_{c,l} Y_{l,m}, in the columns the first layer reads.
-        device = edge_vectors.device
-        w0 = self.two_body_env_linear(x).view(num_edges, config.l_max + 1, n)
-        v = (w0.index_select(1, self._first_degrees.to(device)).transpose(1, 2)
-             * sh.index_select(1, self._first_harmonic_columns.to(device)).unsqueeze(1))
-        norm = config.avg_num_neighbors**-0.5
-        for layer, (environment_key, product_key) in zip(self.layers, form_keys):
-            weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
-            product, _ = environment_tensor_product(environment_key, product_key, weights, sh, v.contiguous(),
-                                                    graph.center_ptr)
-            # The kernels keep channels first, (E, n, P); the torch ops take channels last, (E, P, n).
-            blocks = layer.tensor_product.split(product.transpose(1, 2).contiguous())
-            scalars = layer.tensor_product.scalars(blocks)
-            update = layer.latent_mlp(x, scalars) * envelope
-            x = config.residual_old_weight * x + config.residual_new_weight * update
-            if layer.mixing is not None:
-                v = layer.channel_mixing(blocks, layer.mixing.weight).transpose(1, 2)
+        v = self.two_body_env_linear(x).view(edge_vectors.shape[0], config.l_max + 1, config.num_tensor_features)
+        for index in range(len(self.layers)):
+            x, v = self.triton_layer(index, x, v, sh, envelope, graph.center_ptr)
         return self.readout_mlp(x).squeeze(-1)

@@ -65,16 +65,15 @@ class OpCase:
 def triton_ops() -> dict:
     """The Triton ops that allegro_fast.kernels exposes now, by the op they implement.
 
-    layer: kernels.tensor_product.environment_tensor_product (fused environment sum + channel-wise product;
-    the latent MLP and channel mixing stay torch, as in Allegro(backend="triton")); edge_geometry:
-    kernels.edge_geometry.edge_geometry.
+    layer: kernels.tensor_product.fused_layer (fused environment sum, channel-wise product and channel mixing;
+    the MLPs stay torch, as in Allegro(backend="triton")); edge_geometry: kernels.edge_geometry.edge_geometry.
     """
     found = {}
     try:
         from allegro_fast.kernels import tensor_product
     except ImportError:
         return found
-    if hasattr(tensor_product, "environment_tensor_product"):
+    if hasattr(tensor_product, "fused_layer"):
         found["layer"] = tensor_product
     try:
         from allegro_fast.kernels.edge_geometry import edge_geometry
@@ -227,11 +226,11 @@ def _layer(provider, model, config, position, center, num_nodes, vectors, rand, 
 
     if position == "first":
         features = _leaf(rand(num_edges, config.l_max + 1, n))  # w^0, V^0 = w^0 (x) Y
-    else:  # V: channels last in the torch backend, first in the kernels
+    else:  # V: channels last
         in_dim = sum(2 * l + 1 for l, _ in model.input_irreps[index])
-        features = _leaf(rand(num_edges, n, in_dim) if provider == "triton" else rand(num_edges, in_dim, n))
+        features = _leaf(rand(num_edges, in_dim, n))
     if provider == "triton":
-        fn = _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, index)
+        fn = _triton_layer_fn(model, index, sh, envelope, center, num_nodes)
     else:
         fn = _torch_layer_fn(model, layer, config, sh, envelope, center, num_nodes)
     return OpCase(inputs=(x, features), parameters=parameters, fn=fn, **common)
@@ -272,39 +271,15 @@ def _reference_layer_fn(model, layer, config, sh, envelope, center, num_nodes):
     return fn
 
 
-def _triton_layer_fn(model, layer, config, sh, envelope, center, num_nodes, index):
-    """One layer of `Allegro(backend="triton")`: the torch layer with its environment sum and tensor product
-    replaced by the fused op `kernels.tensor_product.environment_tensor_product` (A stays on chip, T is
-    written once). The first layer materialises V^0 = w^0 (x) Y in the columns it reads, as the backend does.
-
-    HOOK: when a fused layer with channel mixing (and the latent MLP) lands in allegro_fast.kernels, call it here.
-    """
-    kernels = triton_ops()["layer"]
-    n = config.num_tensor_features
-    norm = config.avg_num_neighbors ** -0.5
-    description = layer.tensor_product.description
-    input_irreps = model.input_irreps[index]
-    environment_key = kernels.register_form(kernels.environment_form(config.l_max))
-    product = layer.tensor_product
-    product_key = kernels.register_form(kernels.tensor_product_form(
-        description, input_irreps, product.output_row, product.path_indices, product.output_dim))
+def _triton_layer_fn(model, index, sh, envelope, center, num_nodes):
+    """One layer of `Allegro(backend="triton")`: `Allegro.triton_layer`, the fused kernel (environment sum,
+    tensor product and channel mixing; neither the environment nor the product reaches memory) between the
+    torch environment-weight linear and latent MLP."""
     center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=center.device))
-    first_degrees = torch.tensor([l for l, _ in input_irreps for _ in range(2 * l + 1)], device=center.device)
-    first_columns = torch.tensor([l * l + m for l, _ in input_irreps for m in range(2 * l + 1)], device=center.device)
 
     def fn(x, features):
-        num_edges = x.shape[0]
-        weights = layer.env_linear(x, scale=norm).view(num_edges, config.l_max + 1, n)
-        if layer.is_first:  # (E, l_max+1, n) w^0 -> (E, n, D_in) V^0
-            features = (features.index_select(1, first_degrees).transpose(1, 2)
-                        * sh.index_select(1, first_columns).unsqueeze(1)).contiguous()
-        paths, _ = kernels.environment_tensor_product(environment_key, product_key, weights, sh, features, center_ptr)
-        blocks = layer.tensor_product.split(paths.transpose(1, 2).contiguous())  # as Allegro(backend="triton")
-        update = layer.latent_mlp(x, layer.tensor_product.scalars(blocks)) * envelope
-        new_x = config.residual_old_weight * x + config.residual_new_weight * update
-        if layer.mixing is None:
-            return (new_x,)
-        return new_x, layer.channel_mixing(blocks, layer.mixing.weight).transpose(1, 2)
+        new_x, v = model.triton_layer(index, x, features, sh, envelope, center_ptr)
+        return (new_x,) if v is None else (new_x, v)
 
     return fn
 

@@ -2,10 +2,10 @@
 
 - `edge_geometry`: lengths, Bessel basis, envelope and spherical harmonics of the edge vectors in one kernel;
 - `tensor_product`: the environment sum and the channel-wise tensor product as slots of two trilinear forms,
-  with the fused per-center forward `environment_tensor_product` and the slot kernels that make backward and
-  double backward.
+  with the fused per-center layer forward `fused_layer` (environment, product and channel mixing in one
+  kernel) and the slot kernels that make backward and double backward.
 
 Every op is a `torch.library.custom_op` (allegro_fast::edge_geometry, ::edge_geometry_backward,
-::environment_tensor_product, ::trilinear_slot). Kernels need CUDA tensors, or CPU tensors with
+::fused_layer, ::trilinear_slot). Kernels need CUDA tensors, or CPU tensors with
 TRITON_INTERPRET=1 set before triton is imported; importing this package does not import triton.
 """

@@ -1,17 +1,20 @@
-"""The environment sum and the channel-wise tensor product of an Allegro layer, as generated Triton kernels.
+"""The environment sum, the channel-wise tensor product and the channel mixing of an Allegro layer, as
+generated Triton kernels.
 
 Math (DESIGN section 1, item 4). Edges e = (i, j) are sorted by center i; `center_ptr` (N + 1,) holds the
-CSR row pointers, so the edges of center i are center_ptr[i]:center_ptr[i + 1]. With n channels c,
+CSR row pointers, so the edges of center i are center_ptr[i]:center_ptr[i + 1]. With n channels c, every
+tensor is stored (rows, columns, channels), channels last and contiguous (the torch backend's layout):
 
-    environment   A[i, c, k] = sum_{e in N(i)} w[e, l(k), c] Y[e, k]          k = (l, m) spherical-harmonic column
-    tensor product T[e, c, q] = sum_{(a, b, q, g)} g V[e, c, a] A[i(e), c, b]  over the Clebsch-Gordan nonzeros g
+    environment    A[i, k, c] = sum_{e in N(i)} w[e, l(k), c] Y[e, k]          k = (l, m) spherical-harmonic column
+    tensor product T[e, q, c] = sum_{(a, b, q, g)} g V[e, a, c] A[i(e), b, c]  over the Clebsch-Gordan nonzeros g
+    channel mixing V'[e, (l, m), c'] = sum_{paths j into l} sum_c T[e, (j, m), c] W_j[c, c']
 
-(the 1/sqrt(avg_num_neighbors) normalisation is folded into w by the caller). Both are contractions of a
-*trilinear form* f(x0, x1, x2) = sum_e sum_c sum_{(a, b, d, g)} g x0[., c, a] x1[., c, b] x2[., c, d], in which
-exactly one operand is indexed by the center atom i(e) and the others by the edge e:
+(the 1/sqrt(avg_num_neighbors) normalisation is folded into w, the mixing's 1/sqrt(fan_in) into W). The first
+two are contractions of a *trilinear form* f(x0, x1, x2) = sum_e sum_c sum_{(a, b, d, g)} g x0[., a, c]
+x1[., b, c] x2[., d, c], in which exactly one operand is indexed by the center atom i(e), the others by e:
 
-    environment form     x0 = w (E, l_max+1, n)   x1 = Y (E, D2), no channel axis   x2 = A' (N, n, D2) per center
-    tensor-product form  x0 = V (E, n, D1)        x1 = A (N, n, D2) per center      x2 = T' (E, n, P)
+    environment form     x0 = w (E, l_max+1, n)   x1 = Y (E, D2), no channel axis   x2 = A' (N, D2, n) per center
+    tensor-product form  x0 = V (E, D1, n)        x1 = A (N, D2, n) per center      x2 = T' (E, P, n)
 
 "Slot s of a form" is the partial derivative df/dx_s as a function of the two other operands: slot 2 of the
 environment form is the environment sum, slot 2 of the tensor-product form is the product T. Because f is
@@ -21,12 +24,17 @@ training differentiates the force, itself a backward). Per-edge outputs are writ
 edge's center, per-center outputs reduce over that center's edges inside one program: no atomics anywhere,
 results are bitwise reproducible.
 
+The forward of a layer is one kernel, `fused_layer`: one program per center atom holds all channels; it sums
+A over the center's edges in registers, then, per block of BLOCK_E of its edges, evaluates the product columns
+in registers, stores the (0, +1) scalar columns (the latent MLP's input) and the channel mixing V' (tl.dot of
+each product column with its path's (n, n) weight, accumulated per output column). Neither A nor T reaches
+global memory. Its backward recomputes A (one slot kernel), forms T's cotangent from those of the scalars and
+of V' (the transposed mixing, matmuls), and runs the slots; the weight gradient recomputes T.
+
 Kernels are generated from the layer's `LayerTensorProduct` (the Clebsch-Gordan nonzeros become unrolled
 constant multiply-adds) and cached on disk, because Triton compiles a `@triton.jit` function from its source
-file. One program owns one center atom and one block of channels (grid (N, ceil(n / BLOCK_C))); it walks the
-center's edges in blocks of BLOCK_E. The fused forward `environment_tensor_product` computes A in registers
-from the center's edges, then T for the same edges; A is written out only so that backward can use it
-(N x n x D2 numbers, small next to the E x n x P of T).
+file. The slot kernels run one program per center atom and block of channels (grid (N, ceil(n / BLOCK_C)))
+and walk the center's edges in blocks of BLOCK_E.
 """
 
 from __future__ import annotations
@@ -125,17 +133,77 @@ def register_form(form: TrilinearForm) -> str:
     return form.key
 
 
+@dataclasses.dataclass(frozen=True)
+class MixingGroup:
+    """One output irrep of the channel mixing: product columns product_start + m J + j (component m of path j,
+    J paths) are mixed over channels by the (n, n) matrices weights[weight_start + j] into output column
+    output_start + m, for m < dim = 2l + 1."""
+
+    product_start: int
+    num_paths: int
+    dim: int
+    output_start: int
+    weight_start: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLayerForm:
+    """What the fused layer computes from (w, Y, V^{L-1}, mixing weights): the environment form's sum A, the
+    product form's columns T (neither stored), the scalar columns of T and the channel mixing of T."""
+
+    environment: TrilinearForm
+    product: TrilinearForm
+    scalar_columns: tuple[int, int]
+    mixing: tuple[MixingGroup, ...]
+
+    @property
+    def key(self) -> str:
+        text = repr((self.environment.key, self.product.key, self.scalar_columns, self.mixing))
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    @property
+    def output_dim(self) -> int:
+        return sum(group.dim for group in self.mixing)
+
+    @property
+    def num_weights(self) -> int:
+        return sum(group.num_paths for group in self.mixing)
+
+
+def fused_layer_form(description: LayerTensorProduct, input_irreps: Sequence[tuple[int, int]], grouped,
+                     output_irreps: Sequence[tuple[int, int]]) -> FusedLayerForm:
+    """The fused layer of `description` reading V with `input_irreps` and mixing into `output_irreps` (none in
+    the last layer); `grouped` (torch_ops._GroupedPaths) fixes the product's columns: its `irrep_blocks`,
+    `output_row`, `path_indices`, `output_dim`."""
+    product = tensor_product_form(description, input_irreps, grouped.output_row, grouped.path_indices,
+                                  grouped.output_dim)
+    start, stop, _ = grouped.irrep_blocks[(0, 1)]
+    groups, weight_start = [], 0
+    for irrep, output_start in zip(output_irreps, irrep_offsets(tuple(output_irreps))):
+        block_start, _, paths = grouped.irrep_blocks[irrep]
+        groups.append(MixingGroup(block_start, len(paths), 2 * irrep[0] + 1, output_start, weight_start))
+        weight_start += len(paths)
+    return FusedLayerForm(environment_form(description.l_max), product, (start, stop), tuple(groups))
+
+
+_LAYERS: dict[str, FusedLayerForm] = {}
+
+
+def register_layer(layer: FusedLayerForm) -> str:
+    """Make a fused layer (and its two forms) known to the custom ops; returns its key."""
+    register_form(layer.environment)
+    register_form(layer.product)
+    _LAYERS.setdefault(layer.key, layer)
+    return layer.key
+
+
 def _other_slots(slot: int) -> tuple[int, int]:
     return tuple(s for s in range(3) if s != slot)  # type: ignore[return-value]
 
 
 def _as_edge_channel_columns(x: torch.Tensor, operand: Operand) -> torch.Tensor:
-    """Tensor of one operand as (rows, channels or 1, columns) for the reference einsum."""
-    if not operand.has_channels:
-        return x.unsqueeze(1)
-    if operand.name == "env_weights":
-        return x.transpose(1, 2)  # stored (E, l_max+1, n)
-    return x
+    """Tensor of one operand, stored (rows, columns[, channels]), as (rows, channels or 1, columns)."""
+    return x.transpose(1, 2) if operand.has_channels else x.unsqueeze(1)
 
 
 def trilinear_ref(form: TrilinearForm, slot: int, first: torch.Tensor, second: torch.Tensor, center: torch.Tensor,
@@ -151,14 +219,36 @@ def trilinear_ref(form: TrilinearForm, slot: int, first: torch.Tensor, second: t
     a, b = _other_slots(slot)
     out = torch.einsum("xyz,ecx,ecy->ecz", coefficients.permute(a, b, slot), inputs[a], inputs[b])
     operand = form.operands[slot]
-    if not operand.has_channels:
-        out = out.sum(1)
-    elif operand.name == "env_weights":
-        out = out.transpose(1, 2)
+    out = out.transpose(1, 2) if operand.has_channels else out.sum(1)
     if operand.per_center:
         reduced = torch.zeros((num_centers, *out.shape[1:]), dtype=out.dtype, device=out.device)
         out = reduced.index_add(0, center, out)
     return out.contiguous()
+
+
+def scalars_and_mixing(layer: FusedLayerForm, product: torch.Tensor,
+                       weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: the scalar columns (E, S, n) and the channel mixing (E, D_out, n) of a product (E, P, n)
+    with the stacked mixing weights (num_weights, n, n)."""
+    num_edges, _, channels = product.shape
+    first, last = layer.scalar_columns
+    mixed = []
+    for group in layer.mixing:
+        block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
+        matrix = weights[group.weight_start:group.weight_start + group.num_paths].reshape(-1, channels)
+        mixed.append((block.reshape(num_edges * group.dim, -1) @ matrix).view(num_edges, group.dim, channels))
+    if not mixed:
+        return product[:, first:last], product.new_zeros((num_edges, 0, channels))
+    return product[:, first:last], torch.cat(mixed, dim=1) if len(mixed) > 1 else mixed[0]
+
+
+def fused_layer_ref(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
+                    features: torch.Tensor, weights: torch.Tensor, center: torch.Tensor,
+                    num_centers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch fused layer (the oracle of its kernel): (scalars (E, S, n), mixed (E, D_out, n))."""
+    environment = trilinear_ref(layer.environment, 2, env_weights, harmonics, center, num_centers)
+    product = trilinear_ref(layer.product, 2, features, environment, center, num_centers)
+    return scalars_and_mixing(layer, product, weights)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,6 +333,17 @@ _HEADER = '''\
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def mix(acc, t, w, DOT: tl.constexpr):
+    """acc + t @ w for (BLOCK_E, BLOCK_C) t and (BLOCK_C, BLOCK_C) w: tl.dot in IEEE float32 (no TF32), or
+    multiply and sum (float64, which tl.dot does not take on every GPU)."""
+    if DOT:
+        acc = tl.dot(t, w, acc, input_precision="ieee")
+    else:
+        acc = acc + tl.sum(t[:, :, None] * w[None, :, :], axis=1)
+    return acc
+
 '''
 
 
@@ -320,18 +421,25 @@ def _generate_slot(form: TrilinearForm, slot: int) -> tuple[str, str]:
     return name, function_source(name, arguments, writer.lines, writer.constants, constants_at)
 
 
-def _generate_fused(environment: TrilinearForm, product: TrilinearForm) -> tuple[str, str]:
-    """Source of the fused forward: the environment sum of a center in registers, then the product of its edges."""
-    name = "environment_tensor_product_kernel"
+def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
+    """Source of the fused layer: per center, the environment in registers, then per block of its edges the
+    product columns (never stored), the scalar columns stored and the mixed columns through the weights."""
+    name = "fused_layer_kernel"
     writer = _KernelWriter()
     arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
-                           _operand_arguments("features"), "product_ptr", "product_stride_row",
-                           "product_stride_channel", "product_stride_column", "environment_ptr",
-                           "environment_stride_row", "environment_stride_channel", "environment_stride_column",
-                           "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr"])
-    _program_preamble(writer, loop_channels=False)
-    writer.emit(1, "DTYPE = product_ptr.dtype.element_ty")
+                           _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
+                           "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
+                           "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr",
+                           "DOT: tl.constexpr"])
+    writer.emit(1, "center = tl.program_id(0).to(tl.int64)")
+    writer.emit(1, "start = tl.load(center_ptr_ptr + center)")
+    writer.emit(1, "stop = tl.load(center_ptr_ptr + center + 1)")
+    writer.emit(1, "channels = tl.arange(0, BLOCK_C)")  # one program holds every channel: mixing sums over them
+    writer.emit(1, "channel_mask = channels < num_channels")
+    writer.emit(1, "channel_cols = channels[None, :]")
+    writer.emit(1, "DTYPE = scalars_ptr.dtype.element_ty")
     constants_at = len(writer.lines)
+    environment, product = layer.environment, layer.product
     env_names = {s: environment.operands[s].name for s in range(3)}
     env_columns = environment.operands[2].columns
     for column in range(env_columns):
@@ -342,20 +450,40 @@ def _generate_fused(environment: TrilinearForm, product: TrilinearForm) -> tuple
         expression = writer.terms(2, environment, 2, column, env_names, {})
         writer.emit(2, f"env_{column} += tl.sum({expression}, axis=0)")
     for column in range(env_columns):
-        writer.emit(1, f"tl.store(environment_ptr + center * environment_stride_row + channels * "
-                       f"environment_stride_channel + {column} * environment_stride_column, env_{column}, "
-                       f"mask=channel_mask)")
         writer.emit(1, f"env_row_{column} = env_{column}[None, :]")
+    if layer.mixing:
+        writer.emit(1, "weight_offsets = channels[:, None] * num_channels + channels[None, :]")
+        writer.emit(1, "weight_mask = channel_mask[:, None] & channel_mask[None, :]")
     writer.values.clear()
     product_names = {s: product.operands[s].name for s in range(3)}
     in_registers = {1: {column: f"env_row_{column}" for column in range(env_columns)}}
     _edge_block_header(writer, 1)
     writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
-    for column in range(product.operands[2].columns):
-        expression = writer.terms(2, product, 2, column, product_names, in_registers)
-        expression = expression or "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)"
-        writer.emit(2, f"tl.store(product_ptr + edge_rows * product_stride_row + channel_cols * "
-                       f"product_stride_channel + {column} * product_stride_column, {expression}, mask=tile_mask)")
+    computed: set[int] = set()
+
+    def product_column(column: int) -> str:
+        if column not in computed:
+            expression = writer.terms(2, product, 2, column, product_names, in_registers)
+            writer.emit(2, f"t_{column} = {expression or 'tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)'}")
+            computed.add(column)
+        return f"t_{column}"
+
+    first, last = layer.scalar_columns
+    for column in range(first, last):
+        writer.emit(2, f"tl.store(scalars_ptr + edge_rows * scalars_stride_row + {column - first} * "
+                       f"scalars_stride_column + channel_cols, {product_column(column)}, mask=tile_mask)")
+    for group in layer.mixing:
+        for m in range(group.dim):
+            writer.emit(2, f"mixed_{m} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
+        for j in range(group.num_paths):
+            writer.emit(2, f"w = tl.load(weights_ptr + {group.weight_start + j} * num_channels * num_channels + "
+                           f"weight_offsets, mask=weight_mask, other=0.0)")
+            for m in range(group.dim):
+                column = product_column(group.product_start + m * group.num_paths + j)
+                writer.emit(2, f"mixed_{m} = mix(mixed_{m}, {column}, w, DOT)")
+        for m in range(group.dim):
+            writer.emit(2, f"tl.store(mixed_ptr + edge_rows * mixed_stride_row + {group.output_start + m} * "
+                           f"mixed_stride_column + channel_cols, mixed_{m}, mask=tile_mask)")
     return name, function_source(name, arguments, writer.lines, writer.constants, constants_at)
 
 
@@ -394,11 +522,10 @@ def _slot_kernel(key: str, slot: int):
     return _KERNELS[(key, slot)]
 
 
-def _fused_kernel(environment_key: str, product_key: str):
-    if (environment_key, product_key) not in _KERNELS:
-        source = _generate_fused(_FORMS[environment_key], _FORMS[product_key])
-        _KERNELS[(environment_key, product_key)] = _load_generated(*source)
-    return _KERNELS[(environment_key, product_key)]
+def _layer_kernel(key: str):
+    if (key, "layer") not in _KERNELS:
+        _KERNELS[(key, "layer")] = _load_generated(*_generate_layer(_LAYERS[key]))
+    return _KERNELS[(key, "layer")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,20 +534,14 @@ def _fused_kernel(environment_key: str, product_key: str):
 
 
 def _strides(x: torch.Tensor, operand: Operand) -> tuple[int, int, int]:
-    """(row, channel, column) strides of an operand tensor in its storage layout."""
+    """(row, channel, column) strides of an operand tensor, stored (rows, columns[, channels])."""
     if not operand.has_channels:
         return x.stride(0), 0, x.stride(1)
-    if operand.name == "env_weights":  # (E, l_max+1, n)
-        return x.stride(0), x.stride(2), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride(0), x.stride(2), x.stride(1)
 
 
 def _output_shape(operand: Operand, rows: int, channels: int) -> tuple[int, ...]:
-    if not operand.has_channels:
-        return (rows, operand.columns)
-    if operand.name == "env_weights":
-        return (rows, operand.columns, channels)
-    return (rows, channels, operand.columns)
+    return (rows, operand.columns, channels) if operand.has_channels else (rows, operand.columns)
 
 
 def _block_sizes(channels: int, device: torch.device) -> tuple[int, int]:
@@ -435,7 +556,7 @@ def _channels_of(form: TrilinearForm, slot: int, first: torch.Tensor, second: to
     for s, x in zip(_other_slots(slot), (first, second)):
         operand = form.operands[s]
         if operand.has_channels:
-            return x.shape[2] if operand.name == "env_weights" else x.shape[1]
+            return x.shape[2]
     raise AssertionError("every form has a channel operand besides the output")
 
 
@@ -473,27 +594,32 @@ def _launch_slot(key: str, slot: int, first: torch.Tensor, second: torch.Tensor,
     return out
 
 
-def _launch_fused(environment_key: str, product_key: str, env_weights: torch.Tensor, harmonics: torch.Tensor,
-                  features: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    environment_form_, product_form = _FORMS[environment_key], _FORMS[product_key]
-    ensure_triton_device(env_weights, harmonics, features, center_ptr)
-    num_edges, channels = features.shape[0], features.shape[1]
-    num_centers = center_ptr.numel() - 1
-    product = torch.empty((num_edges, channels, product_form.operands[2].columns), dtype=features.dtype,
-                          device=features.device)
-    environment = torch.empty((num_centers, channels, environment_form_.operands[2].columns), dtype=features.dtype,
-                              device=features.device)
-    if num_centers == 0 or channels == 0:
-        return product, environment
-    block_e, block_c = _block_sizes(channels, features.device)
-    arguments = [env_weights, *_strides(env_weights, environment_form_.operands[0]),
-                 harmonics, *_strides(harmonics, environment_form_.operands[1]),
-                 features, *_strides(features, product_form.operands[0]),
-                 product, *product.stride(), environment, *environment.stride(), center_ptr, channels]
-    with nvtx_range("allegro_fast.environment_tensor_product"):
-        _fused_kernel(environment_key, product_key)[(num_centers, -(-channels // block_c))](
-            *arguments, BLOCK_E=block_e, BLOCK_C=block_c)
-    return product, environment
+def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                  weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = _LAYERS[key]
+    ensure_triton_device(env_weights, harmonics, features, weights, center_ptr)
+    num_edges, _, channels = features.shape
+    first, last = layer.scalar_columns
+    scalars = features.new_empty((num_edges, last - first, channels))
+    mixed = features.new_empty((num_edges, layer.output_dim, channels))
+    if num_edges == 0 or channels == 0:
+        return scalars, mixed
+    import triton
+
+    block_c = max(16, triton.next_power_of_2(channels))  # tl.dot takes no side below 16 on a GPU
+    block_e = 32 if features.device.type == "cpu" else 16
+    # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
+    mixed_or_any = mixed if mixed.numel() else scalars
+    arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
+                 harmonics, *_strides(harmonics, layer.environment.operands[1]),
+                 features, *_strides(features, layer.product.operands[0]),
+                 weights if weights.numel() else scalars,
+                 scalars, scalars.stride(0), scalars.stride(1), mixed_or_any, mixed_or_any.stride(0),
+                 mixed_or_any.stride(1), center_ptr, channels]
+    with nvtx_range("allegro_fast.fused_layer"):
+        _layer_kernel(key)[(center_ptr.numel() - 1,)](*arguments, BLOCK_E=block_e, BLOCK_C=block_c,
+                                                       DOT=features.dtype != torch.float64)
+    return scalars, mixed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,49 +670,93 @@ def _trilinear_backward(ctx, grad):
 trilinear_slot.register_autograd(_trilinear_backward, setup_context=_trilinear_setup)
 
 
-@torch.library.custom_op("allegro_fast::environment_tensor_product", mutates_args=())
-def environment_tensor_product(environment_key: str, product_key: str, env_weights: torch.Tensor,
-                               harmonics: torch.Tensor, features: torch.Tensor,
-                               center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: (product T (E, n, P), environment A (N, n, D2)); see the module docstring."""
-    return _launch_fused(environment_key, product_key, env_weights, harmonics.contiguous(), features.contiguous(),
-                         center_ptr)
+@torch.library.custom_op("allegro_fast::fused_layer", mutates_args=())
+def fused_layer(layer_key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused layer of a registered `FusedLayerForm`: env_weights w (E, l_max+1, n) (1/sqrt(avg neighbours)
+    folded in), harmonics Y (E, (l_max+1)^2), features V^{L-1} (E, D_in, n), stacked mixing weights
+    (num_weights, n, n) (normalisation folded in; (0, n, n) in the last layer), edges sorted by center with
+    CSR pointers center_ptr (N + 1,). Returns (scalars (E, S, n), mixed V^L (E, D_out, n))."""
+    return _launch_layer(layer_key, env_weights.contiguous(), harmonics.contiguous(), features.contiguous(),
+                         weights.contiguous(), center_ptr)
 
 
-@environment_tensor_product.register_fake
-def _(environment_key, product_key, env_weights, harmonics, features, center_ptr):
-    product_columns = _FORMS[product_key].operands[2].columns
-    environment_columns = _FORMS[environment_key].operands[2].columns
-    num_edges, channels = features.shape[0], features.shape[1]
-    return (features.new_empty((num_edges, channels, product_columns)),
-            features.new_empty((center_ptr.shape[0] - 1, channels, environment_columns)))
+@fused_layer.register_fake
+def _(layer_key, env_weights, harmonics, features, weights, center_ptr):
+    layer = _LAYERS[layer_key]
+    num_edges, _, channels = features.shape
+    first, last = layer.scalar_columns
+    return (features.new_empty((num_edges, last - first, channels)),
+            features.new_empty((num_edges, layer.output_dim, channels)))
 
 
-def _fused_setup(ctx, inputs, output) -> None:
-    environment_key, product_key, env_weights, harmonics, features, center_ptr = inputs
-    ctx.keys = (environment_key, product_key)
-    ctx.save_for_backward(env_weights, harmonics, features, center_ptr, output[1])
+def _layer_setup(ctx, inputs, output) -> None:
+    layer_key, env_weights, harmonics, features, weights, center_ptr = inputs
+    ctx.layer_key = layer_key
+    ctx.save_for_backward(env_weights, harmonics, features, weights, center_ptr)
 
 
-def _fused_backward(ctx, grad_product, grad_environment):
-    environment_key, product_key = ctx.keys
-    env_weights, harmonics, features, center_ptr, environment = ctx.saved_tensors
-    need_weights, need_harmonics, need_features = ctx.needs_input_grad[2:5]
-    grad_features = grad_weights = grad_harmonics = None
-    total = grad_environment
-    if grad_product is not None:
-        grad_product = grad_product.contiguous()
+def _product_cotangent(layer: FusedLayerForm, grad_scalars: torch.Tensor | None, grad_mixed: torch.Tensor | None,
+                       weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The cotangent of the product T (E, P, n), block by block, from those of the scalars and the mixing
+    (the transposed mixing: plain matmuls, differentiable for double backward)."""
+    num_edges, channels = like.shape[0], like.shape[2]
+    pieces: dict[int, tuple[int, torch.Tensor]] = {}  # start column -> (stop, cotangent)
+    first, last = layer.scalar_columns
+    if grad_scalars is not None:
+        pieces[first] = (last, grad_scalars)
+    if grad_mixed is not None:
+        for group in layer.mixing:
+            stop = group.product_start + group.dim * group.num_paths
+            matrix = weights[group.weight_start:group.weight_start + group.num_paths].reshape(-1, channels)
+            block = grad_mixed[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
+            piece = (block @ matrix.t()).view(num_edges, -1, channels)
+            if group.product_start in pieces:  # the scalar block, mixed as well
+                piece = pieces[group.product_start][1] + piece
+            pieces[group.product_start] = (stop, piece)
+    columns, at = [], 0
+    for start in sorted(pieces):
+        stop, piece = pieces[start]
+        if start > at:
+            columns.append(like.new_zeros((num_edges, start - at, channels)))
+        columns.append(piece)
+        at = stop
+    total = layer.product.operands[2].columns
+    if at < total:
+        columns.append(like.new_zeros((num_edges, total - at, channels)))
+    return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
+
+
+def _layer_backward(ctx, grad_scalars, grad_mixed):
+    """Of calls of differentiable ops only (trilinear slots and matmuls), so double backward follows: the
+    environment is recomputed (it never reached memory in the forward), the product's cotangent is formed
+    from those of the outputs, and the slots of the two forms carry it to w, Y and V."""
+    layer = _LAYERS[ctx.layer_key]
+    environment_key, product_key = layer.environment.key, layer.product.key
+    env_weights, harmonics, features, weights, center_ptr = ctx.saved_tensors
+    need_env_weights, need_harmonics, need_features, need_weights = ctx.needs_input_grad[1:5]
+    grad_env_weights = grad_harmonics = grad_features = grad_weights = None
+    with nvtx_range("allegro_fast.fused_layer.backward"):
+        environment = trilinear_slot(environment_key, 2, env_weights, harmonics, center_ptr)
+        if need_weights and grad_mixed is not None and layer.mixing:
+            product = trilinear_slot(product_key, 2, features, environment, center_ptr)
+            channels = features.shape[2]
+            parts = []
+            for group in layer.mixing:
+                block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
+                grad = grad_mixed[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
+                parts.append((block.reshape(grad.shape[0], -1).t() @ grad).view(group.num_paths, channels, channels))
+            grad_weights = torch.cat(parts) if len(parts) > 1 else parts[0]
+        grad_product = _product_cotangent(layer, grad_scalars, grad_mixed, weights, features)
         if need_features:
             grad_features = trilinear_slot(product_key, 0, environment, grad_product, center_ptr)
-        if need_weights or need_harmonics:
-            from_product = trilinear_slot(product_key, 1, features, grad_product, center_ptr)
-            total = from_product if total is None else total + from_product
-    if total is not None:
-        if need_weights:
-            grad_weights = trilinear_slot(environment_key, 0, harmonics, total, center_ptr)
-        if need_harmonics:
-            grad_harmonics = trilinear_slot(environment_key, 1, env_weights, total, center_ptr)
-    return None, None, grad_weights, grad_harmonics, grad_features, None
+        if need_env_weights or need_harmonics:
+            grad_environment = trilinear_slot(product_key, 1, features, grad_product, center_ptr)
+            if need_env_weights:
+                grad_env_weights = trilinear_slot(environment_key, 0, harmonics, grad_environment, center_ptr)
+            if need_harmonics:
+                grad_harmonics = trilinear_slot(environment_key, 1, env_weights, grad_environment, center_ptr)
+    return None, grad_env_weights, grad_harmonics, grad_features, grad_weights, None
 
 
-environment_tensor_product.register_autograd(_fused_backward, setup_context=_fused_setup)
+fused_layer.register_autograd(_layer_backward, setup_context=_layer_setup)

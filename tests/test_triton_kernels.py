@@ -62,20 +62,35 @@ def forms(l_max: int, parity: bool, channels: int, layer: int = 1):
     return kernels.environment_form(l_max), product
 
 
+def layer_form(l_max: int, parity: bool, channels: int, layer: int, num_layers: int = 3):
+    """The fused form of one layer, mixing into the irreps that the next layer reads (none in the last)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    descriptions = describe_layers(num_layers, l_max, parity, channels)
+    description = descriptions[layer]
+    grouped = _GroupedPaths(description, description.needed_paths)
+    output_irreps = [] if layer == num_layers - 1 else [
+        irrep for irrep in grouped.irrep_blocks if irrep in descriptions[layer + 1].irreps_in1]
+    return kernels.fused_layer_form(description, description.irreps_in1, grouped, output_irreps)
+
+
 def operands(form, center_ptr, channels, dtype, device, generator):
-    """Random tensors for the three operands of a form, in their storage layouts."""
+    """Random tensors for the three operands of a form, stored (rows, columns[, channels])."""
     num_centers, num_edges = center_ptr.numel() - 1, int(center_ptr[-1])
     tensors = []
     for operand in form.operands:
         rows = num_centers if operand.per_center else num_edges
-        if not operand.has_channels:
-            shape = (rows, operand.columns)
-        elif operand.name == "env_weights":
-            shape = (rows, operand.columns, channels)
-        else:
-            shape = (rows, channels, operand.columns)
+        shape = (rows, operand.columns, channels) if operand.has_channels else (rows, operand.columns)
         tensors.append(torch.randn(shape, dtype=dtype, generator=generator).to(device))
     return tensors
+
+
+def layer_inputs(layer, center_ptr, channels, dtype, device, generator):
+    """Random (env_weights, harmonics, features, mixing weights) for a fused layer."""
+    weights, harmonics, _ = operands(layer.environment, center_ptr, channels, dtype, device, generator)
+    features = operands(layer.product, center_ptr, channels, dtype, device, generator)[0]
+    mixing = torch.randn(layer.num_weights, channels, channels, dtype=dtype, generator=generator).to(device)
+    return weights, harmonics, features, mixing
 
 
 NEIGHBOURS = [0, 3, 1, 5, 0, 2, 6]  # odd sizes, isolated centers and centers with one neighbour
@@ -100,24 +115,33 @@ def test_every_slot_matches_reference(device, l_max, parity):
             assert relative_error(got, expected) < 1e-13, (form.operands[slot].name, slot)
 
 
+LAYER_CASES = [  # (l_max, parity, channels, layer of 3, dtype): first, middle and last layers; channel counts
+    (2, True, 5, 1, torch.float64),       # below, at and above the 16-wide tiles of the mixing
+    (2, True, 5, 1, torch.float32),
+    (1, False, 16, 0, torch.float32),
+    (3, True, 3, 2, torch.float64),
+    (2, False, 17, 1, torch.float32),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_environment_product_matches_reference(device, dtype):
+@pytest.mark.parametrize("l_max,parity,channels,layer,dtype", LAYER_CASES)
+def test_fused_layer_matches_reference(device, l_max, parity, channels, layer, dtype):
+    """Scalars and mixed features of the fused layer (environment, product and mixing in one kernel) against
+    plain torch, computed in float64 from the same (rounded) inputs."""
     from allegro_fast.kernels import tensor_product as kernels
 
-    channels = 5
     center_ptr, center = random_csr(NEIGHBOURS, device)
-    environment, product = forms(2, True, channels)
-    keys = kernels.register_form(environment), kernels.register_form(product)
-    generator = torch.Generator().manual_seed(1)
-    weights, harmonics, _ = operands(environment, center_ptr, channels, torch.float64, device, generator)
-    features = operands(product, center_ptr, channels, torch.float64, device, generator)[0]
-    expected_env = kernels.trilinear_ref(environment, 2, weights, harmonics, center, len(NEIGHBOURS))
-    expected = kernels.trilinear_ref(product, 2, features, expected_env, center, len(NEIGHBOURS))
-    got, got_env = kernels.environment_tensor_product(*keys, weights.to(dtype), harmonics.to(dtype),
-                                                      features.to(dtype), center_ptr)
-    assert relative_error(got, expected) < TOLERANCE[dtype] / 10
-    assert relative_error(got_env, expected_env) < TOLERANCE[dtype] / 10
+    form = layer_form(l_max, parity, channels, layer)
+    key = kernels.register_layer(form)
+    inputs = [t.to(dtype) for t in layer_inputs(form, center_ptr, channels, torch.float64, device,
+                                                  torch.Generator().manual_seed(channels))]
+    expected = kernels.fused_layer_ref(form, *(t.double() for t in inputs), center, len(NEIGHBOURS))
+    got = kernels.fused_layer(key, *inputs, center_ptr)
+    for name, g, e in zip(("scalars", "mixed"), got, expected):
+        assert g.shape == e.shape and g.dtype == dtype, name
+        assert relative_error(g, e) < TOLERANCE[dtype] / 10, name
+    assert expected[0].abs().amax() > 0 and (layer == 2 or expected[1].abs().amax() > 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,16 +162,16 @@ def test_trilinear_gradcheck_and_gradgradcheck(device):
                 return kernels.trilinear_slot(key, slot, a, b, center_ptr)
 
             assert torch.autograd.gradcheck(op, (first, second), fast_mode=True)
-            if form is product and slot == 2:  # the fused op's gradgradcheck below runs every slot's double backward
+            if form is product and slot == 2:  # the fused layer's gradgradcheck below runs every slot's double backward
                 assert torch.autograd.gradgradcheck(op, (first, second), fast_mode=True)
 
-    keys = kernels.register_form(environment), kernels.register_form(product)
-    weights, harmonics, _ = operands(environment, center_ptr, channels, torch.float64, device, generator)
-    features = operands(product, center_ptr, channels, torch.float64, device, generator)[0]
-    inputs = tuple(t.requires_grad_(True) for t in (weights, harmonics, features))
+    layer = layer_form(1, True, channels, layer=1)
+    key = kernels.register_layer(layer)
+    inputs = tuple(t.requires_grad_(True) for t in layer_inputs(layer, center_ptr, channels, torch.float64, device,
+                                                                generator))
 
-    def fused(w, y, v):
-        return kernels.environment_tensor_product(*keys, w, y, v, center_ptr)
+    def fused(w, y, v, mixing):
+        return kernels.fused_layer(key, w, y, v, mixing, center_ptr)
 
     assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
@@ -179,17 +203,18 @@ def test_kernels_are_bitwise_deterministic(device):
 
     channels = 3
     center_ptr, _ = random_csr(NEIGHBOURS, device)
-    environment, product = forms(2, True, channels)
-    keys = kernels.register_form(environment), kernels.register_form(product)
+    layer = layer_form(2, True, channels, layer=1)
+    key = kernels.register_layer(layer)
     generator = torch.Generator().manual_seed(3)
-    weights, harmonics, _ = operands(environment, center_ptr, channels, torch.float32, device, generator)
-    features = operands(product, center_ptr, channels, torch.float32, device, generator)[0]
-    cotangent = torch.randn(int(center_ptr[-1]), channels, product.operands[2].columns, generator=generator).to(device)
+    inputs = layer_inputs(layer, center_ptr, channels, torch.float32, device, generator)
+    cotangents = [torch.randn(*shape, generator=generator).to(device) for shape in (
+        (int(center_ptr[-1]), layer.scalar_columns[1] - layer.scalar_columns[0], channels),
+        (int(center_ptr[-1]), layer.output_dim, channels))]
 
     def run():
-        inputs = [t.clone().requires_grad_(True) for t in (weights, harmonics, features)]
-        out, _ = kernels.environment_tensor_product(*keys, *inputs, center_ptr)
-        return [out, *torch.autograd.grad(out, inputs, cotangent)]
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        outputs = kernels.fused_layer(key, *leaves, center_ptr)
+        return [*outputs, *torch.autograd.grad(outputs, leaves, cotangents)]
 
     for first, second in zip(run(), run()):
         assert torch.equal(first, second)
@@ -247,11 +272,10 @@ def test_ops_compile_fullgraph_and_export(device):
 
     channels = 3
     center_ptr, _ = random_csr([2, 0, 1, 3], device)
-    environment, product = forms(1, True, channels, layer=1)
-    keys = kernels.register_form(environment), kernels.register_form(product)
+    layer_key = kernels.register_layer(layer_form(1, True, channels, layer=1))
     generator = torch.Generator().manual_seed(5)
-    weights, _, _ = operands(environment, center_ptr, channels, torch.float64, device, generator)
-    features = operands(product, center_ptr, channels, torch.float64, device, generator)[0]
+    weights, _, features, mixing = layer_inputs(kernels._LAYERS[layer_key], center_ptr, channels, torch.float64,
+                                                device, generator)
     vectors = torch.randn(int(center_ptr[-1]), 3, dtype=torch.float64, generator=generator).to(device)
     frequencies = torch.pi * torch.arange(1, 5, dtype=torch.float64).to(device)
 
@@ -260,11 +284,12 @@ def test_ops_compile_fullgraph_and_export(device):
             super().__init__()
             self.register_buffer("frequencies", frequencies)
             self.register_buffer("center_ptr", center_ptr)
+            self.mixing = torch.nn.Parameter(mixing)
 
         def forward(self, w, v, r):
             _, _, harmonics = edge_geometry(r, self.frequencies, 3.0, 6, 1)
-            out, _ = kernels.environment_tensor_product(*keys, w, harmonics, v, self.center_ptr)
-            return out.square().sum()
+            scalars, mixed = kernels.fused_layer(layer_key, w, harmonics, v, self.mixing, self.center_ptr)
+            return scalars.square().sum() + mixed.square().sum()
 
     layer = Layer()
 
@@ -296,7 +321,12 @@ def test_triton_model_through_force_field_and_export(device, tmp_path):
     """The Triton backend behind the deployment paths: `ForceField` (plain tensors, the LAMMPS and
     AOTInductor entry) and `export_model` (make_fx + torch.export, dynamic sizes) give the eager numbers,
     also for a system of another size than the example."""
-    from allegro_fast.export import ForceField, export_model, graph_inputs, load_exported
+    from allegro_fast.export import (
+        ForceField,
+        export_model,
+        graph_inputs,
+        load_exported,
+    )
 
     torch.manual_seed(0)
     config = small_config(num_layers=2, l_max=1, num_tensor_features=3)
