@@ -452,7 +452,8 @@ class Allegro(AllegroPotential):
         if layer.mixing is None:
             mixing = x.new_zeros((0, n, n))
         else:
-            mixing = torch.cat([layer.channel_mixing.group_weight(group, layer.mixing.weight)
+            weight = layer.mixing.weight if getattr(self, "parameter_gradients", True) else layer.mixing.weight.detach()
+            mixing = torch.cat([layer.channel_mixing.group_weight(group, weight)
                                 for group in range(len(layer.channel_mixing.groups))]).view(-1, n, n)
         scalars, mixed = fused_layer(key, weights, harmonics, features, mixing, center_ptr)
         update = layer.latent_mlp(x, scalars.flatten(1)) * envelope

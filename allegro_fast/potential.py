@@ -213,7 +213,13 @@ class AllegroPotential(nn.Module):
             cell = cell + torch.bmm(cell, symmetric)
         edge_vectors = graph.edge_vectors(positions, cell)
 
-        atomic_energy = self.atomic_energies(edge_vectors, species, graph)
+        # Without create_graph the force gradient frees the graph: no parameter gradient can follow it, and
+        # custom ops (the Triton layers) may skip their weights' (autograd does not tell them what is wanted).
+        self.parameter_gradients = create_graph or not inputs
+        try:
+            atomic_energy = self.atomic_energies(edge_vectors, species, graph)
+        finally:
+            self.parameter_gradients = True
         energy = torch.zeros(graph.num_structures, dtype=atomic_energy.dtype, device=atomic_energy.device)
         energy = energy.index_add(0, graph.batch, atomic_energy)
         out = {"energy": energy, "atomic_energy": atomic_energy}

@@ -27,8 +27,9 @@ copy) and FMA rate (CUDA: a Triton kernel of independent fused multiply-adds in 
 float64; also cuBLAS SGEMM without TF32 for comparison; CPU: a float32 / float64 matmul).
 Roofline bound t* = max(FLOPs / FMA rate, bytes / bandwidth); achieved fraction = t* / measured median.
 Measured: the forward of one layer (bench/ops.py, the whole layer: the torch backend, the reference,
-and the Triton-backed layer where it exists), so the fraction uses the whole-layer counts; the fused-core
-counts show what a kernel that fuses only the core could reach.
+and the Triton-backed layer where it exists), against the whole-layer counts; and, on CUDA, provider
+`triton-kernel`: the fused kernel alone (`kernels.tensor_product.fused_layer`, environment sum + tensor
+product + channel mixing) against the fused-core counts, the fraction the issue's target refers to.
 """
 
 from __future__ import annotations
@@ -92,6 +93,26 @@ def layer_work(model, index: int, num_edges: int, num_nodes: int, itemsize: int)
         "whole_layer": {"flops": sum(flops.values()), "bytes": layer_bytes,
                         "intensity": sum(flops.values()) / layer_bytes},
     }
+
+
+def fused_kernel_case(model, index: int, num_edges: int, dtype, device):
+    """The fused layer kernel of layer `index` alone, on random inputs of its shapes: (callable, num_nodes)."""
+    from allegro_fast.kernels.tensor_product import _LAYERS, fused_layer
+
+    config = model.config
+    key = model._triton_forms()[index]
+    layer = _LAYERS[key]
+    n, num_nodes = config.num_tensor_features, max(2, num_edges // ops.NEIGHBOURS_PER_ATOM)
+    center = torch.arange(num_edges, device=device) * num_nodes // num_edges  # sorted, ~uniform counts
+    center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=device))
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    inputs = (rand(num_edges, config.l_max + 1, n), rand(num_edges, (config.l_max + 1) ** 2),
+              rand(num_edges, layer.product.operands[0].columns, n), rand(layer.num_weights, n, n) / n ** 0.5)
+    return (lambda: fused_layer(key, *inputs, center_ptr)), num_nodes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--l-max", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
-    parser.add_argument("--providers", nargs="+", default=["torch", "triton", "reference"])
+    parser.add_argument("--providers", nargs="+", default=["torch", "triton", "triton-kernel", "reference"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -216,15 +237,22 @@ def main(argv=None) -> int:
             result["layers"].append({**work, "dtype": dtype_name})
             for provider in args.providers:
                 row = {"provider": provider, "position": position, "dtype": dtype_name}
-                reason = ops.provider_unavailable(provider, "layer", device)
-                if reason or (provider == "triton" and device.type != "cuda"):
+                reason = ops.provider_unavailable("triton" if provider == "triton-kernel" else provider, "layer", device)
+                if reason or (provider.startswith("triton") and device.type != "cuda"):
                     row["skipped"] = reason or "interpreter runs are not timings"
                     result["measured"].append(row)
                     continue
                 try:
-                    case = ops.make_op("layer", provider, num_edges=edges, channels=args.channels, l_max=args.l_max,
-                                       dtype=dtype, device=device, position=position)
-                    times = time_ms(case, device, warmup=2, repeats=repeats)
+                    if provider == "triton-kernel":
+                        model = ops.make_op("layer", "torch", num_edges=8, channels=args.channels, l_max=args.l_max,
+                                            dtype=dtype, device=device).model
+                        fn, num_nodes = fused_kernel_case(model, index, edges, dtype, device)
+                        case = argparse.Namespace(num_nodes=num_nodes)
+                        times = time_ms(fn, device, warmup=2, repeats=repeats)
+                    else:
+                        case = ops.make_op("layer", provider, num_edges=edges, channels=args.channels,
+                                           l_max=args.l_max, dtype=dtype, device=device, position=position)
+                        times = time_ms(case, device, warmup=2, repeats=repeats)
                 except Exception as error:  # out of memory, a kernel failing to compile: recorded, not fatal
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                     result["measured"].append(row)
@@ -242,10 +270,11 @@ def main(argv=None) -> int:
                 row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
                            num_edges=edges, num_nodes=case.num_nodes, roofline=bounds)
                 result["measured"].append(row)
-                print(f"{dtype_name} layer[{position}] {provider:9s} {row['median_ms']:9.3f} ms  "
-                      f"whole-layer roofline fraction {bounds['whole_layer']['achieved_fraction']:.3f} "
-                      f"({bounds['whole_layer']['limited_by']}-bound)  "
-                      f"{bounds['whole_layer']['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+                part = "fused_core" if provider == "triton-kernel" else "whole_layer"
+                print(f"{dtype_name} layer[{position}] {provider:13s} {row['median_ms']:9.3f} ms  "
+                      f"{part} roofline fraction {bounds[part]['achieved_fraction']:.3f} "
+                      f"({bounds[part]['limited_by']}-bound)  "
+                      f"{bounds[part]['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
                 case = None  # free device memory before the next provider
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -264,6 +264,7 @@ class _KernelWriter:
         self.lines: list[str] = []
         self.values: dict[tuple[str, int], str] = {}
         self.constants: dict[float, str] = {}
+        self.constants_at = 0  # the line after which the constants are defined
 
     def emit(self, indent: int, text: str) -> None:
         self.lines.append("    " * indent + text)
@@ -421,6 +422,53 @@ def _generate_slot(form: TrilinearForm, slot: int) -> tuple[str, str]:
     return name, function_source(name, arguments, writer.lines, writer.constants, constants_at)
 
 
+def _layer_preamble(writer: _KernelWriter, layer: FusedLayerForm) -> dict[int, dict[int, str]]:
+    """The start of both layer kernels: one program per center holding every channel (the mixing sums over
+    them), and the center's environment A summed in registers; returns A's rows as the product form's slot-1
+    values."""
+    writer.emit(1, "center = tl.program_id(0).to(tl.int64)")
+    writer.emit(1, "start = tl.load(center_ptr_ptr + center)")
+    writer.emit(1, "stop = tl.load(center_ptr_ptr + center + 1)")
+    writer.emit(1, "channels = tl.arange(0, BLOCK_C)")
+    writer.emit(1, "channel_mask = channels < num_channels")
+    writer.emit(1, "channel_cols = channels[None, :]")
+    writer.emit(1, "DTYPE = env_weights_ptr.dtype.element_ty")
+    writer.constants_at = len(writer.lines)
+    environment = layer.environment
+    names = {s: environment.operands[s].name for s in range(3)}
+    columns = environment.operands[2].columns
+    for column in range(columns):
+        writer.emit(1, f"env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
+    _edge_block_header(writer, 1)
+    writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+    for column in range(columns):
+        writer.emit(2, f"env_{column} += tl.sum({writer.terms(2, environment, 2, column, names, {})}, axis=0)")
+    for column in range(columns):
+        writer.emit(1, f"env_row_{column} = env_{column}[None, :]")
+    if layer.mixing:
+        writer.emit(1, "weight_offsets = channels[:, None] * num_channels + channels[None, :]")
+        writer.emit(1, "weight_offsets_t = channels[None, :] * num_channels + channels[:, None]")
+        writer.emit(1, "weight_mask = channel_mask[:, None] & channel_mask[None, :]")
+    writer.values.clear()
+    return {1: {column: f"env_row_{column}" for column in range(columns)}}
+
+
+def _store_edge_tile(writer: _KernelWriter, indent: int, name: str, column: int, value: str) -> None:
+    writer.emit(indent, f"tl.store({name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + "
+                        f"channel_cols, {value}, mask=tile_mask)")
+
+
+def _load_edge_tile(name: str, column: int) -> str:
+    return (f"tl.load({name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + channel_cols, "
+            f"mask=tile_mask, other=0.0)")
+
+
+def _weight_tile(index: int, transposed: bool) -> str:
+    """(BLOCK_C, BLOCK_C) tile of the mixing matrix `index`, W[c, c'] (or its transpose W[c', c])."""
+    offsets = "weight_offsets_t" if transposed else "weight_offsets"
+    return f"tl.load(weights_ptr + {index} * num_channels * num_channels + {offsets}, mask=weight_mask, other=0.0)"
+
+
 def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     """Source of the fused layer: per center, the environment in registers, then per block of its edges the
     product columns (never stored), the scalar columns stored and the mixed columns through the weights."""
@@ -431,32 +479,9 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
                            "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr",
                            "DOT: tl.constexpr"])
-    writer.emit(1, "center = tl.program_id(0).to(tl.int64)")
-    writer.emit(1, "start = tl.load(center_ptr_ptr + center)")
-    writer.emit(1, "stop = tl.load(center_ptr_ptr + center + 1)")
-    writer.emit(1, "channels = tl.arange(0, BLOCK_C)")  # one program holds every channel: mixing sums over them
-    writer.emit(1, "channel_mask = channels < num_channels")
-    writer.emit(1, "channel_cols = channels[None, :]")
-    writer.emit(1, "DTYPE = scalars_ptr.dtype.element_ty")
-    constants_at = len(writer.lines)
-    environment, product = layer.environment, layer.product
-    env_names = {s: environment.operands[s].name for s in range(3)}
-    env_columns = environment.operands[2].columns
-    for column in range(env_columns):
-        writer.emit(1, f"env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
-    _edge_block_header(writer, 1)
-    writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
-    for column in range(env_columns):
-        expression = writer.terms(2, environment, 2, column, env_names, {})
-        writer.emit(2, f"env_{column} += tl.sum({expression}, axis=0)")
-    for column in range(env_columns):
-        writer.emit(1, f"env_row_{column} = env_{column}[None, :]")
-    if layer.mixing:
-        writer.emit(1, "weight_offsets = channels[:, None] * num_channels + channels[None, :]")
-        writer.emit(1, "weight_mask = channel_mask[:, None] & channel_mask[None, :]")
-    writer.values.clear()
+    in_registers = _layer_preamble(writer, layer)
+    product = layer.product
     product_names = {s: product.operands[s].name for s in range(3)}
-    in_registers = {1: {column: f"env_row_{column}" for column in range(env_columns)}}
     _edge_block_header(writer, 1)
     writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
     computed: set[int] = set()
@@ -470,21 +495,91 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
 
     first, last = layer.scalar_columns
     for column in range(first, last):
-        writer.emit(2, f"tl.store(scalars_ptr + edge_rows * scalars_stride_row + {column - first} * "
-                       f"scalars_stride_column + channel_cols, {product_column(column)}, mask=tile_mask)")
+        _store_edge_tile(writer, 2, "scalars", column - first, product_column(column))
     for group in layer.mixing:
         for m in range(group.dim):
             writer.emit(2, f"mixed_{m} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
         for j in range(group.num_paths):
-            writer.emit(2, f"w = tl.load(weights_ptr + {group.weight_start + j} * num_channels * num_channels + "
-                           f"weight_offsets, mask=weight_mask, other=0.0)")
+            writer.emit(2, f"w = {_weight_tile(group.weight_start + j, transposed=False)}")
             for m in range(group.dim):
                 column = product_column(group.product_start + m * group.num_paths + j)
                 writer.emit(2, f"mixed_{m} = mix(mixed_{m}, {column}, w, DOT)")
         for m in range(group.dim):
-            writer.emit(2, f"tl.store(mixed_ptr + edge_rows * mixed_stride_row + {group.output_start + m} * "
-                           f"mixed_stride_column + channel_cols, mixed_{m}, mask=tile_mask)")
-    return name, function_source(name, arguments, writer.lines, writer.constants, constants_at)
+            _store_edge_tile(writer, 2, "mixed", group.output_start + m, f"mixed_{m}")
+    return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
+
+
+def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
+    """Source of the fused layer's backward to w, Y and V, per center: the environment in registers (pass 1);
+    per block of edges the product's cotangent from those of the scalars and the mixed features (the
+    transposed mixing), V's cotangent stored and the environment's cotangent summed (pass 2, nothing of the
+    product stored); then the cotangents of w and Y of the center's edges (pass 3)."""
+    name = "fused_layer_backward_kernel"
+    writer = _KernelWriter()
+    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
+                           _operand_arguments("features"), "weights_ptr",
+                           "grad_scalars_ptr", "grad_scalars_stride_row", "grad_scalars_stride_column",
+                           "grad_mixed_ptr", "grad_mixed_stride_row", "grad_mixed_stride_column",
+                           "grad_features_ptr", "grad_features_stride_row", "grad_features_stride_column",
+                           "grad_env_weights_ptr", "grad_env_weights_stride_row", "grad_env_weights_stride_column",
+                           "grad_harmonics_ptr", "grad_harmonics_stride_row", "grad_harmonics_stride_column",
+                           "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr",
+                           "DOT: tl.constexpr"])
+    in_registers = _layer_preamble(writer, layer)
+    environment, product = layer.environment, layer.product
+    env_names = {s: environment.operands[s].name for s in range(3)}
+    product_names = {s: product.operands[s].name for s in range(3)}
+    env_columns = environment.operands[2].columns
+    for column in range(env_columns):
+        writer.emit(1, f"grad_env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
+
+    # pass 2: the product's cotangent in registers, V's stored, the environment's summed
+    _edge_block_header(writer, 1)
+    writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+    first, last = layer.scalar_columns
+    started: set[int] = set()
+    for column in range(first, last):
+        writer.emit(2, f"gt_{column} = {_load_edge_tile('grad_scalars', column - first)}")
+        started.add(column)
+    for group in layer.mixing:
+        for m in range(group.dim):
+            writer.emit(2, f"gv_{m} = {_load_edge_tile('grad_mixed', group.output_start + m)}")
+        for j in range(group.num_paths):
+            writer.emit(2, f"w = {_weight_tile(group.weight_start + j, transposed=True)}")
+            for m in range(group.dim):
+                column = group.product_start + m * group.num_paths + j
+                if column not in started:
+                    writer.emit(2, f"gt_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
+                    started.add(column)
+                writer.emit(2, f"gt_{column} = mix(gt_{column}, gv_{m}, w, DOT)")
+    product_columns = product.operands[2].columns
+    for column in range(product_columns):
+        if column not in started:  # a path that neither the scalars nor the mixing read
+            writer.emit(2, f"gt_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
+    cotangent = {2: {column: f"gt_{column}" for column in range(product_columns)}}
+    for column in range(product.operands[0].columns):
+        expression = writer.terms(2, product, 0, column, product_names, {**in_registers, **cotangent})
+        _store_edge_tile(writer, 2, "grad_features", column, expression or "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
+    for column in range(env_columns):
+        expression = writer.terms(2, product, 1, column, product_names, cotangent)
+        if expression is not None:
+            writer.emit(2, f"grad_env_{column} += tl.sum({expression}, axis=0)")
+    for column in range(env_columns):
+        writer.emit(1, f"grad_env_row_{column} = grad_env_{column}[None, :]")
+    writer.values.clear()
+
+    # pass 3: the cotangents of the environment weights and the harmonics
+    grad_environment = {2: {column: f"grad_env_row_{column}" for column in range(env_columns)}}
+    _edge_block_header(writer, 1)
+    writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+    for column in range(environment.operands[0].columns):
+        _store_edge_tile(writer, 2, "grad_env_weights", column,
+                         writer.terms(2, environment, 0, column, env_names, grad_environment))
+    for column in range(environment.operands[1].columns):
+        expression = writer.terms(2, environment, 1, column, env_names, grad_environment)
+        writer.emit(2, f"tl.store(grad_harmonics_ptr + edges * grad_harmonics_stride_row + {column} * "
+                       f"grad_harmonics_stride_column, tl.sum({expression}, axis=1), mask=edge_mask)")
+    return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
 
 
 def _cache_directory() -> Path:
@@ -522,10 +617,11 @@ def _slot_kernel(key: str, slot: int):
     return _KERNELS[(key, slot)]
 
 
-def _layer_kernel(key: str):
-    if (key, "layer") not in _KERNELS:
-        _KERNELS[(key, "layer")] = _load_generated(*_generate_layer(_LAYERS[key]))
-    return _KERNELS[(key, "layer")]
+def _layer_kernel(key: str, backward: bool = False):
+    if ("layer", key, backward) not in _KERNELS:
+        generate = _generate_layer_backward if backward else _generate_layer
+        _KERNELS[("layer", key, backward)] = _load_generated(*generate(_LAYERS[key]))
+    return _KERNELS[("layer", key, backward)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,6 +690,12 @@ def _launch_slot(key: str, slot: int, first: torch.Tensor, second: torch.Tensor,
     return out
 
 
+def _layer_warps(block_c: int) -> int:
+    """Warps per program of the layer kernels: each holds (BLOCK_E, BLOCK_C) tiles of every product column,
+    so wide channel blocks get more threads to spread them over (a first guess, not tuned on a GPU yet)."""
+    return 4 if block_c <= 32 else 8
+
+
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                   weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     layer = _LAYERS[key]
@@ -618,8 +720,43 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
                  mixed_or_any.stride(1), center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer"):
         _layer_kernel(key)[(center_ptr.numel() - 1,)](*arguments, BLOCK_E=block_e, BLOCK_C=block_c,
-                                                       DOT=features.dtype != torch.float64)
+                                                       DOT=features.dtype != torch.float64,
+                                                       num_warps=_layer_warps(block_c))
     return scalars, mixed
+
+
+def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                           weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
+                           center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layer = _LAYERS[key]
+    ensure_triton_device(env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
+    num_edges, _, channels = features.shape
+    grad_env_weights = torch.empty_like(env_weights)
+    grad_harmonics = torch.empty_like(harmonics)
+    grad_features = torch.empty_like(features)
+    if num_edges == 0:
+        return grad_env_weights, grad_harmonics, grad_features
+    if channels == 0:
+        return grad_env_weights, grad_harmonics.zero_(), grad_features
+    import triton
+
+    block_c = max(16, triton.next_power_of_2(channels))
+    block_e = 32 if features.device.type == "cpu" else 16
+    mixed_or_any = grad_mixed if grad_mixed.numel() else grad_scalars
+    arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
+                 harmonics, *_strides(harmonics, layer.environment.operands[1]),
+                 features, *_strides(features, layer.product.operands[0]),
+                 weights if weights.numel() else grad_scalars,
+                 grad_scalars, grad_scalars.stride(0), grad_scalars.stride(1),
+                 mixed_or_any, mixed_or_any.stride(0), mixed_or_any.stride(1),
+                 grad_features, grad_features.stride(0), grad_features.stride(1),
+                 grad_env_weights, grad_env_weights.stride(0), grad_env_weights.stride(1),
+                 grad_harmonics, grad_harmonics.stride(0), grad_harmonics.stride(1), center_ptr, channels]
+    with nvtx_range("allegro_fast.fused_layer.backward"):
+        _layer_kernel(key, backward=True)[(center_ptr.numel() - 1,)](
+            *arguments, BLOCK_E=block_e, BLOCK_C=block_c, DOT=features.dtype != torch.float64,
+            num_warps=_layer_warps(block_c))
+    return grad_env_weights, grad_harmonics, grad_features
 
 
 # --------------------------------------------------------------------------------------------------
@@ -727,36 +864,99 @@ def _product_cotangent(layer: FusedLayerForm, grad_scalars: torch.Tensor | None,
     return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
 
 
+def _mixing_weight_gradient(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
+                            features: torch.Tensor, grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> torch.Tensor:
+    """The cotangent of the stacked mixing weights, sum_e T^T gV per path: T is recomputed (slot kernels), the
+    sums over edges are matmuls (fixed order, no atomics)."""
+    environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
+    product = trilinear_slot(layer.product.key, 2, features, environment, center_ptr)
+    channels = features.shape[2]
+    parts = []
+    for group in layer.mixing:
+        block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
+        grad = grad_mixed[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
+        parts.append((block.reshape(grad.shape[0], -1).t() @ grad).view(group.num_paths, channels, channels))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def _layer_backward(ctx, grad_scalars, grad_mixed):
-    """Of calls of differentiable ops only (trilinear slots and matmuls), so double backward follows: the
-    environment is recomputed (it never reached memory in the forward), the product's cotangent is formed
-    from those of the outputs, and the slots of the two forms carry it to w, Y and V."""
+    """One kernel for the cotangents of w, Y and V (`fused_layer_backward`); the mixing weights' cotangent,
+    where they need one, from recomputed T (pass the weights detached when no parameter gradient can follow,
+    as in force evaluation: autograd cannot tell a custom op which of its inputs' gradients are wanted)."""
     layer = _LAYERS[ctx.layer_key]
-    environment_key, product_key = layer.environment.key, layer.product.key
     env_weights, harmonics, features, weights, center_ptr = ctx.saved_tensors
     need_env_weights, need_harmonics, need_features, need_weights = ctx.needs_input_grad[1:5]
+    if grad_scalars is None:
+        first, last = layer.scalar_columns
+        grad_scalars = features.new_zeros((features.shape[0], last - first, features.shape[2]))
+    if grad_mixed is None:
+        grad_mixed = features.new_zeros((features.shape[0], layer.output_dim, features.shape[2]))
     grad_env_weights = grad_harmonics = grad_features = grad_weights = None
-    with nvtx_range("allegro_fast.fused_layer.backward"):
-        environment = trilinear_slot(environment_key, 2, env_weights, harmonics, center_ptr)
-        if need_weights and grad_mixed is not None and layer.mixing:
-            product = trilinear_slot(product_key, 2, features, environment, center_ptr)
-            channels = features.shape[2]
-            parts = []
-            for group in layer.mixing:
-                block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
-                grad = grad_mixed[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
-                parts.append((block.reshape(grad.shape[0], -1).t() @ grad).view(group.num_paths, channels, channels))
-            grad_weights = torch.cat(parts) if len(parts) > 1 else parts[0]
-        grad_product = _product_cotangent(layer, grad_scalars, grad_mixed, weights, features)
-        if need_features:
-            grad_features = trilinear_slot(product_key, 0, environment, grad_product, center_ptr)
-        if need_env_weights or need_harmonics:
-            grad_environment = trilinear_slot(product_key, 1, features, grad_product, center_ptr)
-            if need_env_weights:
-                grad_env_weights = trilinear_slot(environment_key, 0, harmonics, grad_environment, center_ptr)
-            if need_harmonics:
-                grad_harmonics = trilinear_slot(environment_key, 1, env_weights, grad_environment, center_ptr)
-    return None, grad_env_weights, grad_harmonics, grad_features, grad_weights, None
+    if need_env_weights or need_harmonics or need_features:
+        grad_env_weights, grad_harmonics, grad_features = fused_layer_backward(
+            ctx.layer_key, env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
+    if need_weights and layer.mixing:
+        grad_weights = _mixing_weight_gradient(layer, env_weights, harmonics, features, grad_mixed, center_ptr)
+    elif need_weights:
+        grad_weights = torch.zeros_like(weights)
+    return (None, grad_env_weights if need_env_weights else None, grad_harmonics if need_harmonics else None,
+            grad_features if need_features else None, grad_weights, None)
 
 
 fused_layer.register_autograd(_layer_backward, setup_context=_layer_setup)
+
+
+@torch.library.custom_op("allegro_fast::fused_layer_backward", mutates_args=())
+def fused_layer_backward(layer_key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                         weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
+                         center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cotangents (w, Y, V) of `fused_layer` for those of its outputs, in one kernel per center atom:
+    neither the environment, its cotangent nor anything of the product reaches memory."""
+    return _launch_layer_backward(layer_key, env_weights.contiguous(), harmonics.contiguous(), features.contiguous(),
+                                  weights.contiguous(), grad_scalars.contiguous(), grad_mixed.contiguous(), center_ptr)
+
+
+@fused_layer_backward.register_fake
+def _(layer_key, env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr):
+    return torch.empty_like(env_weights), torch.empty_like(harmonics), torch.empty_like(features)
+
+
+def composed_layer_backward(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
+                            features: torch.Tensor, weights: torch.Tensor, grad_scalars: torch.Tensor,
+                            grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`fused_layer_backward` from differentiable ops (five slot kernels and matmuls): its own derivative."""
+    environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
+    grad_product = _product_cotangent(layer, grad_scalars, grad_mixed, weights, features)
+    grad_features = trilinear_slot(layer.product.key, 0, environment, grad_product, center_ptr)
+    grad_environment = trilinear_slot(layer.product.key, 1, features, grad_product, center_ptr)
+    return (trilinear_slot(layer.environment.key, 0, harmonics, grad_environment, center_ptr),
+            trilinear_slot(layer.environment.key, 1, env_weights, grad_environment, center_ptr), grad_features)
+
+
+def _layer_backward_setup(ctx, inputs, output) -> None:
+    ctx.layer_key = inputs[0]
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _layer_double_backward(ctx, grad_env_weights, grad_harmonics, grad_features):
+    """The vector-Jacobian product of `composed_layer_backward` (the same function), by autograd through it:
+    force training's double backward, and every higher order."""
+    layer = _LAYERS[ctx.layer_key]
+    *tensors, center_ptr = ctx.saved_tensors
+    needed = ctx.needs_input_grad[1:7]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # Partial derivatives: differentiate with respect to fresh aliases of the inputs (views, linked to the
+        # inputs for higher orders), never through the inputs' own history (the cotangents depend on w).
+        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
+        outputs = composed_layer_backward(layer, *inputs, center_ptr)
+        pairs = [(o, g) for o, g in zip(outputs, (grad_env_weights, grad_harmonics, grad_features)) if g is not None]
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         create_graph=create_graph, allow_unused=True) if pairs and wanted else [])
+    results = [next(grads, None) if need else None for need in needed]
+    results = [torch.zeros_like(x) if need and g is None else g for x, g, need in zip(tensors, results, needed)]
+    return (None, *results, None)
+
+
+fused_layer_backward.register_autograd(_layer_double_backward, setup_context=_layer_backward_setup)

@@ -145,6 +145,34 @@ def test_fused_layer_matches_reference(device, l_max, parity, channels, layer, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("l_max,parity,channels,layer,dtype", LAYER_CASES)
+def test_fused_layer_backward_matches_reference(device, l_max, parity, channels, layer, dtype):
+    """The one-kernel backward (cotangents of w, Y and V) against autograd through the plain-torch layer,
+    and against the same backward composed of the slot kernels (the function its double backward uses)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    center_ptr, center = random_csr(NEIGHBOURS, device)
+    form = layer_form(l_max, parity, channels, layer)
+    key = kernels.register_layer(form)
+    generator = torch.Generator().manual_seed(channels + 1)
+    inputs = layer_inputs(form, center_ptr, channels, torch.float64, device, generator)
+    num_edges = int(center_ptr[-1])
+    cotangents = [torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
+                  for columns in (form.scalar_columns[1] - form.scalar_columns[0], form.output_dim)]
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    outputs = kernels.fused_layer_ref(form, *leaves, center, len(NEIGHBOURS))
+    used = [(out, cotangent) for out, cotangent in zip(outputs, cotangents) if out.requires_grad]
+    expected = torch.autograd.grad([o for o, _ in used], leaves[:3], [c for _, c in used])
+    rounded = [t.to(dtype) for t in (*inputs, *cotangents)]
+    got = kernels.fused_layer_backward(key, *rounded, center_ptr)
+    composed = kernels.composed_layer_backward(form, *rounded, center_ptr)
+    for name, g, c, e in zip(("env_weights", "harmonics", "features"), got, composed, expected):
+        assert g.shape == e.shape and g.dtype == dtype, name
+        assert relative_error(g, e) < TOLERANCE[dtype] / 10, name
+        assert relative_error(c, e) < TOLERANCE[dtype] / 10, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_trilinear_gradcheck_and_gradgradcheck(device):
     from allegro_fast.kernels import tensor_product as kernels
 
@@ -175,6 +203,30 @@ def test_trilinear_gradcheck_and_gradgradcheck(device):
 
     assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_layer_backward_gradcheck_and_gradgradcheck(device):
+    """The one-kernel backward is itself differentiable twice (force training differentiates it once; its
+    derivative is taken through aliases of its inputs, so orders beyond that stay correct too)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    channels = 2
+    center_ptr, _ = random_csr([2, 0, 1], device)
+    form = layer_form(1, True, channels, layer=0)
+    key = kernels.register_layer(form)
+    generator = torch.Generator().manual_seed(7)
+    num_edges = int(center_ptr[-1])
+    inputs = (*layer_inputs(form, center_ptr, channels, torch.float64, device, generator),
+              *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
+                for columns in (form.scalar_columns[1] - form.scalar_columns[0], form.output_dim)))
+    inputs = tuple(t.requires_grad_(True) for t in inputs)
+
+    def backward(*tensors):
+        return kernels.fused_layer_backward(key, *tensors, center_ptr)
+
+    assert torch.autograd.gradcheck(backward, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(backward, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -246,11 +298,13 @@ def test_triton_model_matches_reference(device, case):
         model = af.Allegro(config, backend="triton").to(device=device, dtype=dtype)
         model.load_state_dict(reference.state_dict())
         reference_out = reference.to(device)(graph.to(dtype=torch.float64))
+        evaluated = model.eval()(graph)  # force evaluation: no graph kept, the mixing weights get no gradient
         model.train()
         out = model(graph)
         assert set(out) == set(reference_out)
         for key in reference_out:
             assert relative_error(out[key], reference_out[key]) < TOLERANCE[dtype], (key, dtype)
+            assert relative_error(evaluated[key], reference_out[key]) < TOLERANCE[dtype], (key, dtype)
 
         def loss(outputs):
             return (outputs["energy"] ** 2).sum() + (outputs["forces"] ** 2).sum()

@@ -199,7 +199,8 @@ def main(argv=None) -> int:
                              "log_tail": text.strip().splitlines()[-15:]})
     suite.record("environment", lambda: environment(device))
     if cuda:
-        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 120)
+        # Every generated kernel (slots and fused layers of many configurations) compiles once here: minutes.
+        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 200)
     else:
         suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 60,
                   env={"OMP_NUM_THREADS": "1"})
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     roofline = [python, "bench/roofline.py", "--device", device, "--output", str(work / "roofline.json")]
     if args.quick or not cuda:
         roofline += ["--edges", "1024", "--repeats", "3", "--dtypes", "float32"]
-    suite.run("roofline", roofline, 90, outputs=("roofline.json",))
+    suite.run("roofline", roofline, 120, outputs=("roofline.json",))
 
     sizes = "quick" if args.quick else ("gpu" if cuda else "cpu")
     for dtype in ("float32", "float64"):
