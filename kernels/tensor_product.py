@@ -686,14 +686,18 @@ def _launch_slot(key: str, slot: int, first: torch.Tensor, second: torch.Tensor,
         arguments += [x, *_strides(x, form.operands[s])]
     arguments += [out, *_strides(out, out_operand), center_ptr, channels]
     with nvtx_range(f"allegro_fast.tensor_product.slot{slot}.{out_operand.name}"):
-        _slot_kernel(key, slot)[(num_centers, channel_blocks)](*arguments, BLOCK_E=block_e, BLOCK_C=block_c)
+        _slot_kernel(key, slot)[(num_centers, channel_blocks)](*arguments, BLOCK_E=block_e, BLOCK_C=block_c,
+                                                                num_warps=_num_warps(block_e, block_c))
     return out
 
 
-def _layer_warps(block_c: int) -> int:
-    """Warps per program of the layer kernels: each holds (BLOCK_E, BLOCK_C) tiles of every product column,
-    so wide channel blocks get more threads to spread them over (a first guess, not tuned on a GPU yet)."""
-    return 4 if block_c <= 32 else 8
+def _num_warps(block_e: int, block_c: int) -> int:
+    """Warps per program: about one thread per element of a (BLOCK_E, BLOCK_C) tile, since a layer program
+    holds such a tile of every product column at once (and a slot program of many). Chosen from ptxas's resource counts
+    for sm_90 (`bench/gpu/kernel_resources.py`, compiled without a GPU; not timed on one yet): l_max 2, n 16
+    with 4 warps spills (255 registers, 960 B of stack in the backward), with 8 it does not (240); n 32 needs
+    16 (8 warps spill 7 KB in the backward)."""
+    return max(4, min(16, block_e * block_c // 32))
 
 
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
@@ -721,7 +725,7 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
     with nvtx_range("allegro_fast.fused_layer"):
         _layer_kernel(key)[(center_ptr.numel() - 1,)](*arguments, BLOCK_E=block_e, BLOCK_C=block_c,
                                                        DOT=features.dtype != torch.float64,
-                                                       num_warps=_layer_warps(block_c))
+                                                       num_warps=_num_warps(block_e, block_c))
     return scalars, mixed
 
 
@@ -755,7 +759,7 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
     with nvtx_range("allegro_fast.fused_layer.backward"):
         _layer_kernel(key, backward=True)[(center_ptr.numel() - 1,)](
             *arguments, BLOCK_E=block_e, BLOCK_C=block_c, DOT=features.dtype != torch.float64,
-            num_warps=_layer_warps(block_c))
+            num_warps=_num_warps(block_e, block_c))
     return grad_env_weights, grad_harmonics, grad_features
 
 

@@ -361,6 +361,42 @@ def test_ops_compile_fullgraph_and_export(device):
     assert torch.equal(exported.module()(weights, features, vectors), eager[0])
 
 
+def _gpu_toolchain_missing() -> str | None:
+    import os
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return "triton is not installed"
+    tools = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")):
+        return f"triton's NVIDIA toolchain (ptxas, cuobjdump) is not in {tools}"
+    return None
+
+
+@pytest.mark.skipif(_gpu_toolchain_missing() is not None, reason=str(_gpu_toolchain_missing()))
+def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
+    """The interpreter accepts what a GPU rejects (tl.dot below 16, some dtypes): compile every generated
+    kernel of a small model (layer forward and backward, all slots) for sm_90 with Triton's own toolchain at
+    the launchers' block sizes and warps, float32 and float64 (`bench/gpu/kernel_resources.py`, in a process
+    without TRITON_INTERPRET)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "kernel_resources.py"
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    output = tmp_path / "resources.json"
+    result = subprocess.run([sys.executable, str(script), "--l-max", "1", "--channels", "3", "--layers", "2",
+                             "--dtypes", "float32", "float64", "--slots", "--output", str(output)],
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(output.read_text())
+    assert len(rows) == 2 * 2 * (2 + 6)  # dtypes x layers x (forward, backward, 3 slots of 2 forms)
+    assert all(row["registers"] > 0 for row in rows)
+
+
 def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
     from allegro_fast.kernels._common import ensure_triton_device
 

@@ -1,0 +1,119 @@
+"""Compile the generated Triton kernels of a model for a GPU architecture on a machine without a GPU, and
+report what ptxas allocates: registers per thread, stack (spilled registers), shared memory, compile time.
+
+Triton's wheel carries the NVIDIA toolchain (LLVM to PTX, ptxas, cuobjdump), so `triton.compile` with an
+explicit target needs no driver. What this shows: that every kernel compiles for the target (errors the
+interpreter cannot raise, such as tl.dot shape limits), and where a kernel spills; what it cannot show is
+speed. The launch parameters are the launchers' own (`kernels.tensor_product`).
+
+    python bench/gpu/kernel_resources.py                          # default model, float32, sm_90
+    python bench/gpu/kernel_resources.py --l-max 1 --channels 32 --layers 1 --dtypes float32 float64
+    python bench/gpu/kernel_resources.py --slots                  # the slot kernels (backward's pieces) too
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+TRITON_TYPES = {"float32": "fp32", "float64": "fp64"}
+
+
+def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: int = 90) -> dict:
+    """Compile a generated @triton.jit kernel for CUDA `arch` without a device: pointers `*_ptr` get the
+    element type `dtype` ("float32"/"float64"; CSR pointers int64), other arguments int64."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i64" if name == "center_ptr_ptr" else f"*{TRITON_TYPES[dtype]}"
+        else:
+            signature[name] = "i64"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    begin = time.perf_counter()
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    seconds = time.perf_counter() - begin
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as stream:
+            stream.write(compiled.asm["cubin"])
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split()
+                  if ":" in item and item.split(":")[1].isdigit())
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2)}
+
+
+def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool):
+    """(name, kernel, BLOCK_E, BLOCK_C, num_warps) of every generated kernel an Allegro model launches on CUDA."""
+    import allegro_fast as af
+    from allegro_fast.kernels import tensor_product as kernels
+
+    config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
+                              parity=parity)
+    model = af.Allegro(config, backend="torch")
+    block_e, block_c = 16, max(16, 1 << (channels - 1).bit_length())
+    for index, key in enumerate(model._triton_forms()):
+        for backward in (False, True):
+            yield (f"layer{index}.{'backward' if backward else 'forward'}", kernels._layer_kernel(key, backward),
+                   block_e, block_c, kernels._num_warps(block_e, block_c))
+        if slots:
+            layer = kernels._LAYERS[key]
+            slot_e, slot_c = 16, min(1 << (channels - 1).bit_length(), 32)
+            for form_name, form in (("environment", layer.environment), ("product", layer.product)):
+                for slot in range(3):
+                    yield (f"layer{index}.{form_name}.slot{slot}", kernels._slot_kernel(form.key, slot),
+                           slot_e, slot_c, kernels._num_warps(slot_e, slot_c))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--l-max", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--no-parity", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(TRITON_TYPES))
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--slots", action="store_true", help="also the slot kernels (backward's building blocks)")
+    parser.add_argument("--output", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the Triton versions we run on
+    rows = []
+    for dtype in args.dtypes:
+        for name, kernel, block_e, block_c, warps in model_kernels(args.l_max, args.channels, args.layers,
+                                                                   not args.no_parity, args.slots):
+            constexprs = {"BLOCK_E": block_e, "BLOCK_C": block_c}
+            if "DOT" in inspect.signature(kernel.fn).parameters:
+                constexprs["DOT"] = dtype != "float64"
+            row = {"kernel": name, "dtype": dtype, "BLOCK_E": block_e, "BLOCK_C": block_c, "arch": args.arch}
+            try:
+                row.update(compile_for_gpu(kernel, dtype, constexprs, warps, args.arch))
+            except Exception as error:  # a kernel that does not compile is the finding: report it, go on
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+            rows.append(row)
+            status = row.get("error") or (f"{row['registers']:3d} registers, {row['stack_bytes']:5d} B stack, "
+                                          f"{row['shared_bytes']:6d} B shared, {row['num_warps']:2d} warps, "
+                                          f"compiled in {row['compile_s']:.1f} s")
+            print(f"{dtype:8s} {name:28s} {status}", flush=True)
+    if args.output:
+        with open(args.output, "w") as stream:
+            json.dump(rows, stream, indent=1)
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
