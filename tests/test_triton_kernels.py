@@ -121,6 +121,7 @@ LAYER_CASES = [  # (l_max, parity, channels, layer of 3, dtype): first, middle a
     (1, False, 16, 0, torch.float32),
     (3, True, 3, 2, torch.float64),
     (2, False, 17, 1, torch.float32),
+    (2, True, 1, 0, torch.float64),       # one channel
 ]
 
 
