@@ -316,7 +316,10 @@ class _KernelWriter:
                     factors.append(self.edge_tile(indent, names[s], operand, entry[s]))
             value = entry[3]
             product = f"{factors[0]} * {factors[1]}"
-            products.append(product if value == 1.0 else f"{self.constant(value)} * {product}")
+            if abs(abs(value) - 1.0) < 1e-14:  # +-1 up to wigner_3j's round-off (0.9999999999999999): no multiply
+                products.append(product if value > 0 else f"-{product}")
+            else:
+                products.append(f"{self.constant(value)} * {product}")
         return " + ".join(products) if products else None
 
 
