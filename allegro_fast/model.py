@@ -28,6 +28,7 @@ channel mixing in Triton kernels (`allegro_fast.kernels`, one fused kernel per l
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from e3nn.math import normalize2mom
@@ -51,6 +52,9 @@ from .torch_ops import (
 )
 
 BACKENDS = ("torch", "triton")
+# Above this many tensor channels the Triton layer kernels (one program holds every channel of a center) spill
+# registers and compile slowly: n = 64 with l_max 2 compiles in 36 s and spills 2 KB per thread (sm_90).
+TRITON_CHANNELS_LIMIT = 64
 
 
 class _MLPLayer(nn.Module):
@@ -189,6 +193,12 @@ class Allegro(AllegroPotential):
         self.backend = backend
         if backend == "triton":
             self._triton_forms()  # now, not inside a traced call (make_fx cannot run e3nn's wigner_3j)
+            if config.num_tensor_features > TRITON_CHANNELS_LIMIT:
+                warnings.warn(
+                    f"backend 'triton' keeps all {config.num_tensor_features} tensor channels of a center atom in "
+                    f"one program: above {TRITON_CHANNELS_LIMIT} its kernels spill registers and compile very slowly "
+                    "(the rMD17 preset, 128 channels with l_max 3, did not compile for sm_90 within 15 minutes on "
+                    "a 2-core CPU); backend='torch' is the better choice for this model", stacklevel=2)
 
     def build(self, config: AllegroConfig) -> None:
         n, width = config.num_tensor_features, config.num_scalar_features

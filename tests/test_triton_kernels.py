@@ -398,6 +398,12 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     assert all(row["registers"] > 0 for row in rows)
 
 
+def test_triton_backend_warns_about_wide_models():
+    config = small_config(num_tensor_features=96, l_max=1, num_layers=1)
+    with pytest.warns(UserWarning, match="backend='torch' is the better choice"):
+        af.Allegro(config, backend="triton")
+
+
 def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
     from allegro_fast.kernels._common import ensure_triton_device
 
