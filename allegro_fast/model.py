@@ -52,8 +52,9 @@ from .torch_ops import (
 )
 
 BACKENDS = ("torch", "triton")
-# Above this many tensor channels the Triton layer kernels (one program holds every channel of a center) spill
-# registers and compile slowly: n = 64 with l_max 2 compiles in 36 s and spills 2 KB per thread (sm_90).
+# Above this many tensor channels the Triton layer kernels (channel-tiled above 32) take minutes to compile and
+# still spill some registers: the rMD17 preset's (n = 128, l_max 3) middle-layer forward compiles for sm_90 in
+# about 90 s on a 2-core CPU and spills 224 B per thread. Their speed has not been measured on a GPU.
 TRITON_CHANNELS_LIMIT = 64
 
 
@@ -195,10 +196,10 @@ class Allegro(AllegroPotential):
             self._triton_forms()  # now, not inside a traced call (make_fx cannot run e3nn's wigner_3j)
             if config.num_tensor_features > TRITON_CHANNELS_LIMIT:
                 warnings.warn(
-                    f"backend 'triton' keeps all {config.num_tensor_features} tensor channels of a center atom in "
-                    f"one program: above {TRITON_CHANNELS_LIMIT} its kernels spill registers and compile very slowly "
-                    "(the rMD17 preset, 128 channels with l_max 3, did not compile for sm_90 within 15 minutes on "
-                    "a 2-core CPU); backend='torch' is the better choice for this model", stacklevel=2)
+                    f"backend 'triton' with {config.num_tensor_features} tensor channels (above "
+                    f"{TRITON_CHANNELS_LIMIT}) runs channel-tiled kernels that take minutes to compile on first use "
+                    "and spill some registers; their speed is not yet measured on a GPU: compare with "
+                    "backend='torch' for this model", stacklevel=2)
 
     def build(self, config: AllegroConfig) -> None:
         n, width = config.num_tensor_features, config.num_scalar_features

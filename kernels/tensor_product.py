@@ -31,6 +31,11 @@ each product column with its path's (n, n) weight, accumulated per output column
 global memory. Its backward recomputes A (one slot kernel), forms T's cotangent from those of the scalars and
 of V' (the transposed mixing, matmuls), and runs the slots; the weight gradient recomputes T.
 
+Above 32 channels (`layer_launch`) the layer kernels are channel-tiled: still one program per center atom, but
+it loops over blocks of BLOCK_C channels, recomputes that block's A in registers (`environment_block`), and
+accumulates the mixing into (BLOCK_E, BLOCK_O) chunks of the output channels, a few output irreps per pass; the
+backward loops over channel blocks outermost and forms the product's cotangent path by path.
+
 Kernels are generated from the layer's `LayerTensorProduct` (the Clebsch-Gordan nonzeros become unrolled
 constant multiply-adds) and cached on disk, because Triton compiles a `@triton.jit` function from its source
 file. The slot kernels run one program per center atom and block of channels (grid (N, ceil(n / BLOCK_C)))
@@ -298,12 +303,13 @@ class _KernelWriter:
         return self.values[(name, column)]
 
     def terms(self, indent: int, form: TrilinearForm, slot: int, column: int, names: dict[int, str],
-              center_values: dict[int, dict[int, str]]) -> str | None:
-        """Sum of the products that make output column `column` of `slot`, or None if there are none."""
+              center_values: dict[int, dict[int, str]], only: tuple[int, set[int]] | None = None) -> str | None:
+        """Sum of the products that make output column `column` of `slot`, or None if there are none; with
+        only = (s, columns), just the products whose operand s is in `columns`."""
         a, b = _other_slots(slot)
         products = []
         for entry in form.entries:
-            if entry[slot] != column:
+            if entry[slot] != column or (only is not None and entry[only[0]] not in only[1]):
                 continue
             factors = []
             for s in (a, b):
@@ -347,6 +353,13 @@ def mix(acc, t, w, DOT: tl.constexpr):
     else:
         acc = acc + tl.sum(t[:, :, None] * w[None, :, :], axis=1)
     return acc
+
+
+@triton.jit
+def mix_transposed(acc, g, w):
+    """acc + g @ w^T for (BLOCK_E, BLOCK_O) g and (BLOCK_C, BLOCK_O) w, by multiply and sum over the last axis
+    (the tiled backward: ptxas spills less than for the transposed tile summed over the middle axis)."""
+    return acc + tl.sum(g[:, None, :] * w[None, :, :], axis=2)
 
 '''
 
@@ -425,10 +438,47 @@ def _generate_slot(form: TrilinearForm, slot: int) -> tuple[str, str]:
     return name, function_source(name, arguments, writer.lines, writer.constants, constants_at)
 
 
+_ENVIRONMENT_ARGUMENTS = ("env_weights_ptr, env_weights_stride_row, env_weights_stride_channel, "
+                          "env_weights_stride_column, harmonics_ptr, harmonics_stride_row, harmonics_stride_channel, "
+                          "harmonics_stride_column")
+
+
+def _generate_environment_block(environment: TrilinearForm) -> str:
+    """Source of `environment_block`, a helper of the layer kernels: A[i, k, channels] of one center and one
+    block of channels, summed over the center's edges start:stop in registers; returns the (l_max+1)^2 rows."""
+    writer = _KernelWriter()
+    names = {s: environment.operands[s].name for s in range(3)}
+    columns = environment.operands[2].columns
+    writer.emit(1, "DTYPE = env_weights_ptr.dtype.element_ty")
+    writer.emit(1, "channel_cols = channels[None, :]")
+    for column in range(columns):
+        writer.emit(1, f"env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
+    _edge_block_header(writer, 1)
+    writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+    for column in range(columns):
+        writer.emit(2, f"env_{column} += tl.sum({writer.terms(2, environment, 2, column, names, {})}, axis=0)")
+    writer.emit(1, "return " + ", ".join(f"env_{column}" for column in range(columns)))
+    arguments = (f"{_ENVIRONMENT_ARGUMENTS}, start, stop, channels, channel_mask, BLOCK_E: tl.constexpr, "
+                 "BLOCK_C: tl.constexpr")
+    return function_source("environment_block", arguments, writer.lines, writer.constants, 1)
+
+
+def _environment_rows(writer: _KernelWriter, indent: int, layer: FusedLayerForm) -> dict[int, dict[int, str]]:
+    """Emit the call of `environment_block` for the current `channels`; returns A's rows as the product form's
+    slot-1 values."""
+    columns = layer.environment.operands[2].columns
+    rows = ", ".join(f"env_{column}" for column in range(columns))
+    writer.emit(indent, f"{rows}{',' if columns == 1 else ''} = environment_block({_ENVIRONMENT_ARGUMENTS}, start, "
+                        "stop, channels, channel_mask, BLOCK_E, BLOCK_C)")
+    for column in range(columns):
+        writer.emit(indent, f"env_row_{column} = env_{column}[None, :]")
+    return {1: {column: f"env_row_{column}" for column in range(columns)}}
+
+
 def _layer_preamble(writer: _KernelWriter, layer: FusedLayerForm) -> dict[int, dict[int, str]]:
-    """The start of both layer kernels: one program per center holding every channel (the mixing sums over
-    them), and the center's environment A summed in registers; returns A's rows as the product form's slot-1
-    values."""
+    """The start of both one-block layer kernels: one program per center holding every channel (the mixing sums
+    over them), and the center's environment A summed in registers; returns A's rows as the product form's
+    slot-1 values."""
     writer.emit(1, "center = tl.program_id(0).to(tl.int64)")
     writer.emit(1, "start = tl.load(center_ptr_ptr + center)")
     writer.emit(1, "stop = tl.load(center_ptr_ptr + center + 1)")
@@ -437,23 +487,12 @@ def _layer_preamble(writer: _KernelWriter, layer: FusedLayerForm) -> dict[int, d
     writer.emit(1, "channel_cols = channels[None, :]")
     writer.emit(1, "DTYPE = env_weights_ptr.dtype.element_ty")
     writer.constants_at = len(writer.lines)
-    environment = layer.environment
-    names = {s: environment.operands[s].name for s in range(3)}
-    columns = environment.operands[2].columns
-    for column in range(columns):
-        writer.emit(1, f"env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
-    _edge_block_header(writer, 1)
-    writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
-    for column in range(columns):
-        writer.emit(2, f"env_{column} += tl.sum({writer.terms(2, environment, 2, column, names, {})}, axis=0)")
-    for column in range(columns):
-        writer.emit(1, f"env_row_{column} = env_{column}[None, :]")
+    in_registers = _environment_rows(writer, 1, layer)
     if layer.mixing:
         writer.emit(1, "weight_offsets = channels[:, None] * num_channels + channels[None, :]")
         writer.emit(1, "weight_offsets_t = channels[None, :] * num_channels + channels[:, None]")
         writer.emit(1, "weight_mask = channel_mask[:, None] & channel_mask[None, :]")
-    writer.values.clear()
-    return {1: {column: f"env_row_{column}" for column in range(columns)}}
+    return in_registers
 
 
 def _store_edge_tile(writer: _KernelWriter, indent: int, name: str, column: int, value: str) -> None:
@@ -585,6 +624,193 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
 
 
+def _mixing_passes(layer: FusedLayerForm, columns_per_pass: int) -> list[list[MixingGroup]]:
+    """The mixing groups packed in order into passes of at most `columns_per_pass` output columns (a group
+    wider than that gets a pass of its own); one empty pass for a layer without mixing."""
+    passes: list[list[MixingGroup]] = [[]]
+    for group in layer.mixing:
+        if passes[-1] and sum(g.dim for g in passes[-1]) + group.dim > columns_per_pass:
+            passes.append([])
+        passes[-1].append(group)
+    return passes
+
+
+def _tiled_preamble(writer: _KernelWriter, chunks: int) -> None:
+    """Start of a channel-tiled kernel: its center's edges, and the output channels in `chunks` chunks of
+    BLOCK_O (the mixing's tl.dot tiles: on a GPU without tensor cores in IEEE float32, a tl.dot holds a row of
+    its left and a column of its right operand per thread, so their inner and outer sizes stay small)."""
+    writer.emit(1, "center = tl.program_id(0).to(tl.int64)")
+    writer.emit(1, "start = tl.load(center_ptr_ptr + center)")
+    writer.emit(1, "stop = tl.load(center_ptr_ptr + center + 1)")
+    writer.emit(1, "DTYPE = env_weights_ptr.dtype.element_ty")
+    writer.constants_at = len(writer.lines)
+    for q in range(chunks):
+        writer.emit(1, f"outs_{q} = {q} * BLOCK_O + tl.arange(0, BLOCK_O)")
+        writer.emit(1, f"out_mask_{q} = outs_{q} < num_channels")
+
+
+def _channel_block(writer: _KernelWriter, indent: int) -> None:
+    writer.emit(indent, "channels = channel_start + tl.arange(0, BLOCK_C)")
+    writer.emit(indent, "channel_mask = channels < num_channels")
+    writer.emit(indent, "channel_cols = channels[None, :]")
+
+
+def _tiled_weight_tile(index: int, q: int) -> str:
+    """Rows `channels` and the columns of output chunk q of mixing matrix `index`: (BLOCK_C, BLOCK_O)."""
+    return (f"tl.load(weights_ptr + {index} * num_channels * num_channels + channels[:, None] * num_channels + "
+            f"outs_{q}[None, :], mask=channel_mask[:, None] & out_mask_{q}[None, :], other=0.0)")
+
+
+def _out_tile(name: str, column: int, q: int) -> str:
+    """Address and mask of the (BLOCK_E, BLOCK_O) tile of output chunk q of column `column` of `name`."""
+    return (f"{name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + outs_{q}[None, :], "
+            f"mask=edge_mask[:, None] & out_mask_{q}[None, :]")
+
+
+_TILED_ARGUMENTS = ("BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr", "BLOCK_O: tl.constexpr")
+
+
+def _generate_layer_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[str, str]:
+    """Source of the fused layer for many channels: one program per center, per block of its edges and per pass
+    (a few output irreps), a loop over blocks of BLOCK_C input channels that sums that block's environment in
+    registers (recomputed: never stored), evaluates the product columns of the pass for those channels, stores
+    the scalar columns (first pass) and accumulates the mixing into (BLOCK_E, BLOCK_O) tiles of every output
+    channel. Nothing but the scalars and the mixed features is written."""
+    name = "fused_layer_tiled_kernel"
+    writer = _KernelWriter()
+    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
+                           _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
+                           "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
+                           "center_ptr_ptr", "num_channels", *_TILED_ARGUMENTS])
+    chunks = launch.output_chunks
+    _tiled_preamble(writer, chunks)
+    product = layer.product
+    product_names = {s: product.operands[s].name for s in range(3)}
+    first, last = layer.scalar_columns
+    _edge_block_header(writer, 1)
+    for index, groups in enumerate(_mixing_passes(layer, launch.columns_per_pass)):
+        outputs = [group.output_start + m for group in groups for m in range(group.dim)]
+        for output in outputs:
+            for q in range(chunks):
+                writer.emit(2, f"mixed_{output}_{q} = tl.zeros((BLOCK_E, BLOCK_O), dtype=DTYPE)")
+        writer.emit(2, "for channel_start in range(0, num_channels, BLOCK_C):")
+        _channel_block(writer, 3)
+        writer.emit(3, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+        writer.values.clear()
+        in_registers = _environment_rows(writer, 3, layer)
+        computed: set[int] = set()
+
+        def product_column(column: int) -> str:
+            if column not in computed:
+                expression = writer.terms(3, product, 2, column, product_names, in_registers)
+                writer.emit(3, f"t_{column} = {expression or 'tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)'}")
+                computed.add(column)
+            return f"t_{column}"
+
+        if index == 0:
+            for column in range(first, last):
+                _store_edge_tile(writer, 3, "scalars", column - first, product_column(column))
+        for group in groups:
+            for j in range(group.num_paths):
+                columns = [product_column(group.product_start + m * group.num_paths + j) for m in range(group.dim)]
+                for q in range(chunks):
+                    writer.emit(3, f"w = {_tiled_weight_tile(group.weight_start + j, q)}")
+                    for m, column in enumerate(columns):
+                        output = group.output_start + m
+                        writer.emit(3, f"mixed_{output}_{q} = mix(mixed_{output}_{q}, {column}, w, DOT)")
+        for output in outputs:
+            for q in range(chunks):
+                writer.emit(2, f"tl.store({_out_tile('mixed', output, q)}, value=mixed_{output}_{q})")
+    return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
+
+
+def _generate_layer_backward_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[str, str]:
+    """Source of the fused layer's backward for many channels: one program per center loops over blocks of
+    BLOCK_C channels; per block it sums the environment in registers, then per block of edges forms the product's
+    cotangent path by path (scalars' cotangent plus the transposed mixing of all output channels), stores V's
+    cotangent and sums the environment's; a last pass over the edges stores w's cotangent and this channel block's
+    share of Y's (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
+    name = "fused_layer_backward_tiled_kernel"
+    writer = _KernelWriter()
+    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
+                           _operand_arguments("features"), "weights_ptr",
+                           "grad_scalars_ptr", "grad_scalars_stride_row", "grad_scalars_stride_column",
+                           "grad_mixed_ptr", "grad_mixed_stride_row", "grad_mixed_stride_column",
+                           "grad_features_ptr", "grad_features_stride_row", "grad_features_stride_column",
+                           "grad_env_weights_ptr", "grad_env_weights_stride_row", "grad_env_weights_stride_column",
+                           "grad_harmonics_ptr", "grad_harmonics_stride_row", "grad_harmonics_stride_column",
+                           "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels", *_TILED_ARGUMENTS])
+    chunks = launch.output_chunks
+    _tiled_preamble(writer, chunks)
+    environment, product = layer.environment, layer.product
+    env_names = {s: environment.operands[s].name for s in range(3)}
+    product_names = {s: product.operands[s].name for s in range(3)}
+    env_columns = environment.operands[2].columns
+    writer.emit(1, "for channel_start in range(0, num_channels, BLOCK_C):")
+    _channel_block(writer, 2)
+    in_registers = _environment_rows(writer, 2, layer)
+    for column in range(env_columns):
+        writer.emit(2, f"grad_env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
+
+    # the product's cotangent path by path (the dim columns of path j of a mixing group, or the scalars that no
+    # group mixes), its contributions to the cotangents of V and A accumulated: few product columns are live
+    first, last = layer.scalar_columns
+    scalars = set(range(first, last))
+    pieces = [(group, j, [group.product_start + m * group.num_paths + j for m in range(group.dim)])
+              for group in layer.mixing for j in range(group.num_paths)]
+    mixed_columns = {column for _, _, columns in pieces for column in columns}
+    if scalars - mixed_columns:
+        pieces.append((None, None, sorted(scalars - mixed_columns)))
+    _edge_block_header(writer, 2)
+    writer.emit(3, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+    writer.values.clear()
+    grad_features: set[int] = set()
+    for group, j, columns in pieces:
+        writer.values.clear()  # reload V's tiles per path rather than keep them all live (registers)
+        for column in columns:
+            if column in scalars:
+                writer.emit(3, f"gt_{column} = {_load_edge_tile('grad_scalars', column - first)}")
+            else:
+                writer.emit(3, f"gt_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
+        if group is not None:
+            for q in range(chunks):
+                writer.emit(3, f"w = {_tiled_weight_tile(group.weight_start + j, q)}")
+                for m, column in enumerate(columns):  # V^L's cotangent reloaded per path (L1/L2): few live tiles
+                    writer.emit(3, f"gv = tl.load({_out_tile('grad_mixed', group.output_start + m, q)}, other=0.0)")
+                    writer.emit(3, f"gt_{column} = mix_transposed(gt_{column}, gv, w)")
+        cotangent = {2: {column: f"gt_{column}" for column in columns}}
+        only = (2, set(columns))
+        for column in range(product.operands[0].columns):
+            expression = writer.terms(3, product, 0, column, product_names, {**in_registers, **cotangent}, only)
+            if expression is not None:
+                writer.emit(3, f"gf_{column} = {'gf_%d + ' % column if column in grad_features else ''}{expression}")
+                grad_features.add(column)
+        for column in range(env_columns):
+            expression = writer.terms(3, product, 1, column, product_names, cotangent, only)
+            if expression is not None:
+                writer.emit(3, f"grad_env_{column} += tl.sum({expression}, axis=0)")
+    for column in range(product.operands[0].columns):
+        value = f"gf_{column}" if column in grad_features else "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)"
+        _store_edge_tile(writer, 3, "grad_features", column, value)
+    for column in range(env_columns):
+        writer.emit(2, f"grad_env_row_{column} = grad_env_{column}[None, :]")
+
+    # the cotangents of the environment weights (this block's channels) and of the harmonics (this block's share)
+    grad_environment = {2: {column: f"grad_env_row_{column}" for column in range(env_columns)}}
+    _edge_block_header(writer, 2)
+    writer.emit(3, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+    writer.values.clear()
+    for column in range(environment.operands[0].columns):
+        _store_edge_tile(writer, 3, "grad_env_weights", column,
+                         writer.terms(3, environment, 0, column, env_names, grad_environment))
+    for column in range(environment.operands[1].columns):
+        expression = writer.terms(3, environment, 1, column, env_names, grad_environment)
+        writer.emit(3, f"tl.store(grad_harmonics_ptr + (channel_start // BLOCK_C) * grad_harmonics_stride_block + "
+                       f"edges * grad_harmonics_stride_row + {column} * grad_harmonics_stride_column, "
+                       f"tl.sum({expression}, axis=1), mask=edge_mask)")
+    return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
+
+
 def _cache_directory() -> Path:
     root = os.environ.get("ALLEGRO_FAST_KERNEL_CACHE")
     if root is None:
@@ -620,11 +846,19 @@ def _slot_kernel(key: str, slot: int):
     return _KERNELS[(key, slot)]
 
 
-def _layer_kernel(key: str, backward: bool = False):
-    if ("layer", key, backward) not in _KERNELS:
-        generate = _generate_layer_backward if backward else _generate_layer
-        _KERNELS[("layer", key, backward)] = _load_generated(*generate(_LAYERS[key]))
-    return _KERNELS[("layer", key, backward)]
+def _layer_kernel(key: str, backward: bool = False, launch: LayerLaunch | None = None):
+    """The forward or backward kernel of a registered layer: the one-block kernel, or for a tiled `launch` the
+    channel-tiled one (specialised to its output chunks and mixing passes)."""
+    tiling = (launch.block_n, launch.block_o, launch.columns_per_pass) if launch is not None and launch.tiled else None
+    cache_key = ("layer", key, backward, tiling)
+    if cache_key not in _KERNELS:
+        layer = _LAYERS[key]
+        if tiling is None:
+            name, source = (_generate_layer_backward if backward else _generate_layer)(layer)
+        else:
+            name, source = (_generate_layer_backward_tiled if backward else _generate_layer_tiled)(layer, launch)
+        _KERNELS[cache_key] = _load_generated(name, _generate_environment_block(layer.environment) + "\n\n" + source)
+    return _KERNELS[cache_key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,6 +937,56 @@ def _num_warps(block_e: int, block_c: int) -> int:
     return max(4, min(16, block_e * block_c // 32))
 
 
+TILE_CHANNELS_ABOVE = 32  # the one-block layer kernels up to this many channels, the channel-tiled ones above
+ACCUMULATOR_ELEMENTS = 1024  # output columns per pass x BLOCK_N: the tiled forward's mixing accumulators
+TILED_BLOCK_C, TILED_BLOCK_O, TILED_WARPS = 16, 32, 8  # see `layer_launch`
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLaunch:
+    """How a fused layer's kernels are launched for n channels: BLOCK_E edges per step; BLOCK_C channels per
+    program step (all, BLOCK_C = BLOCK_N, in the one-block kernels); with `columns_per_pass` set, the
+    channel-tiled kernels, whose forward mixes that many output columns of all BLOCK_N channels per pass."""
+
+    block_e: int
+    block_c: int
+    block_n: int
+    columns_per_pass: int | None
+    num_warps: int
+    block_o: int = 0  # output channels per mixing tile (tiled kernels)
+
+    @property
+    def tiled(self) -> bool:
+        return self.columns_per_pass is not None
+
+    @property
+    def output_chunks(self) -> int:
+        return self.block_n // self.block_o
+
+    def constants(self, dtype: torch.dtype) -> dict:
+        if not self.tiled:
+            return {"BLOCK_E": self.block_e, "BLOCK_C": self.block_c, "DOT": dtype != torch.float64}
+        return {"BLOCK_E": self.block_e, "BLOCK_C": self.block_c, "DOT": False, "BLOCK_O": self.block_o}
+
+
+def layer_launch(channels: int, dtype: torch.dtype, device_type: str) -> LayerLaunch:
+    """The launch of a fused layer with `channels` channels.
+
+    Up to TILE_CHANNELS_ABOVE one program holds all channels, and the mixing is tl.dot (IEEE float32) of
+    (BLOCK_E, BLOCK_N) tiles. Above, such tiles do not fit in registers (sm_90, ptxas: n = 64 with l_max 2 spilled
+    2 KB per thread; n = 128 with l_max 3 did not compile within 15 minutes), so the channel-tiled kernels loop
+    over blocks of 16 channels and mix into chunks of 32 output channels by multiply-and-sum in both precisions:
+    on Triton 3.6 and 3.9, tl.dot without tensor cores made ptxas fall back to 32 registers and spill 6-8 KB at
+    n = 128, multiply-and-sum with 8 warps spills 224 B (the l_max 3 middle layer's forward; blocks of 8
+    channels: 424 B)."""
+    block_n = max(16, 1 << max(channels - 1, 0).bit_length())  # tl.dot takes no side below 16 on a GPU
+    block_e = 32 if device_type == "cpu" else 16  # the interpreter: few large programs are fastest
+    if channels <= TILE_CHANNELS_ABOVE:
+        return LayerLaunch(block_e, block_n, block_n, None, _num_warps(block_e, block_n))
+    return LayerLaunch(block_e, min(block_n, TILED_BLOCK_C), block_n, max(1, ACCUMULATOR_ELEMENTS // block_n),
+                       TILED_WARPS, min(block_n, TILED_BLOCK_O))
+
+
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                   weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     layer = _LAYERS[key]
@@ -713,10 +997,7 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
     mixed = features.new_empty((num_edges, layer.output_dim, channels))
     if num_edges == 0 or channels == 0:
         return scalars, mixed
-    import triton
-
-    block_c = max(16, triton.next_power_of_2(channels))  # tl.dot takes no side below 16 on a GPU
-    block_e = 32 if features.device.type == "cpu" else 16
+    launch = layer_launch(channels, features.dtype, features.device.type)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
@@ -726,9 +1007,8 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
                  scalars, scalars.stride(0), scalars.stride(1), mixed_or_any, mixed_or_any.stride(0),
                  mixed_or_any.stride(1), center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer"):
-        _layer_kernel(key)[(center_ptr.numel() - 1,)](*arguments, BLOCK_E=block_e, BLOCK_C=block_c,
-                                                       DOT=features.dtype != torch.float64,
-                                                       num_warps=_num_warps(block_e, block_c))
+        _layer_kernel(key, False, launch)[(center_ptr.numel() - 1,)](
+            *arguments, **launch.constants(features.dtype), num_warps=launch.num_warps)
     return scalars, mixed
 
 
@@ -745,10 +1025,10 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
         return grad_env_weights, grad_harmonics, grad_features
     if channels == 0:
         return grad_env_weights, grad_harmonics.zero_(), grad_features
-    import triton
-
-    block_c = max(16, triton.next_power_of_2(channels))
-    block_e = 32 if features.device.type == "cpu" else 16
+    launch = layer_launch(channels, features.dtype, features.device.type)
+    blocks = -(-channels // launch.block_c)
+    if launch.tiled:  # one slice of Y's cotangent per channel block, summed below in a fixed order
+        grad_harmonics = harmonics.new_empty((blocks, *harmonics.shape))
     mixed_or_any = grad_mixed if grad_mixed.numel() else grad_scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
                  harmonics, *_strides(harmonics, layer.environment.operands[1]),
@@ -758,11 +1038,15 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
                  mixed_or_any, mixed_or_any.stride(0), mixed_or_any.stride(1),
                  grad_features, grad_features.stride(0), grad_features.stride(1),
                  grad_env_weights, grad_env_weights.stride(0), grad_env_weights.stride(1),
-                 grad_harmonics, grad_harmonics.stride(0), grad_harmonics.stride(1), center_ptr, channels]
+                 grad_harmonics, grad_harmonics.stride(-2), grad_harmonics.stride(-1)]
+    if launch.tiled:
+        arguments.append(grad_harmonics.stride(0))
+    arguments += [center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer.backward"):
-        _layer_kernel(key, backward=True)[(center_ptr.numel() - 1,)](
-            *arguments, BLOCK_E=block_e, BLOCK_C=block_c, DOT=features.dtype != torch.float64,
-            num_warps=_num_warps(block_e, block_c))
+        _layer_kernel(key, True, launch)[(center_ptr.numel() - 1,)](
+            *arguments, **launch.constants(features.dtype), num_warps=launch.num_warps)
+    if launch.tiled:
+        grad_harmonics = grad_harmonics[0] if blocks == 1 else grad_harmonics.sum(0)
     return grad_env_weights, grad_harmonics, grad_features
 
 

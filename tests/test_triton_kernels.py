@@ -130,6 +130,10 @@ LAYER_CASES = [  # (l_max, parity, channels, layer of 3, dtype): first, middle a
 def test_fused_layer_matches_reference(device, l_max, parity, channels, layer, dtype):
     """Scalars and mixed features of the fused layer (environment, product and mixing in one kernel) against
     plain torch, computed in float64 from the same (rounded) inputs."""
+    check_fused_layer(device, l_max, parity, channels, layer, dtype)
+
+
+def check_fused_layer(device, l_max, parity, channels, layer, dtype):
     from allegro_fast.kernels import tensor_product as kernels
 
     center_ptr, center = random_csr(NEIGHBOURS, device)
@@ -150,6 +154,10 @@ def test_fused_layer_matches_reference(device, l_max, parity, channels, layer, d
 def test_fused_layer_backward_matches_reference(device, l_max, parity, channels, layer, dtype):
     """The one-kernel backward (cotangents of w, Y and V) against autograd through the plain-torch layer,
     and against the same backward composed of the slot kernels (the function its double backward uses)."""
+    check_fused_layer_backward(device, l_max, parity, channels, layer, dtype)
+
+
+def check_fused_layer_backward(device, l_max, parity, channels, layer, dtype):
     from allegro_fast.kernels import tensor_product as kernels
 
     center_ptr, center = random_csr(NEIGHBOURS, device)
@@ -171,6 +179,55 @@ def test_fused_layer_backward_matches_reference(device, l_max, parity, channels,
         assert g.shape == e.shape and g.dtype == dtype, name
         assert relative_error(g, e) < TOLERANCE[dtype] / 10, name
         assert relative_error(c, e) < TOLERANCE[dtype] / 10, name
+
+
+TILED_CASES = [  # (l_max, parity, channels, layer of 3, dtype, accumulator budget): the channel-tiled kernels
+    (2, True, 33, 1, torch.float32, 1024),   # three blocks of 16 channels, two output chunks of 32, one pass
+    (2, True, 33, 0, torch.float64, 64),     # one output column per pass (five passes)
+    (3, True, 5, 1, torch.float64, 1024),    # one block, fewer channels than it holds
+    (1, False, 40, 2, torch.float32, 1024),  # last layer: scalars only
+]
+
+
+@pytest.fixture
+def tiled_layers(monkeypatch):
+    """Route every fused layer through the channel-tiled kernels (used above 32 channels) at test sizes."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    monkeypatch.setattr(kernels, "TILE_CHANNELS_ABOVE", 0)
+
+    def budget(elements):
+        monkeypatch.setattr(kernels, "ACCUMULATOR_ELEMENTS", elements)
+
+    return budget
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("l_max,parity,channels,layer,dtype,budget", TILED_CASES)
+def test_tiled_fused_layer_matches_reference(tiled_layers, device, l_max, parity, channels, layer, dtype, budget):
+    """The channel-tiled forward and backward (a loop over channel blocks per center, the environment recomputed
+    per block, the mixing accumulated in passes) against plain torch, like the one-block kernels."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    tiled_layers(budget)
+    launch = kernels.layer_launch(channels, dtype, "cuda")
+    assert launch.tiled and (launch.block_c < channels or channels < 16)
+    check_fused_layer(device, l_max, parity, channels, layer, dtype)
+    check_fused_layer_backward(device, l_max, parity, channels, layer, dtype)
+
+
+def test_layer_launch_tiles_wide_layers():
+    """Up to 32 channels one program holds them all; above, the kernels loop over blocks of 16 channels, mix
+    into chunks of 32 output channels and at most ACCUMULATOR_ELEMENTS / BLOCK_N output columns per pass."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    assert not kernels.layer_launch(32, torch.float32, "cuda").tiled
+    assert kernels.layer_launch(5, torch.float32, "cuda").block_c == 16
+    wide = kernels.layer_launch(128, torch.float32, "cuda")
+    assert (wide.block_c, wide.block_o, wide.block_n, wide.columns_per_pass) == (16, 32, 128, 8)
+    assert wide.constants(torch.float32)["DOT"] is False
+    passes = kernels._mixing_passes(layer_form(3, True, 128, 0), wide.columns_per_pass)
+    assert len(passes) > 1 and all(sum(group.dim for group in groups) <= 8 for groups in passes)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,10 +308,10 @@ def test_edge_geometry_matches_reference_and_gradchecks(device, l_max):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernels_are_bitwise_deterministic(device):
+@pytest.mark.parametrize("channels", [3, 40])  # the one-block and the channel-tiled kernels
+def test_kernels_are_bitwise_deterministic(device, channels):
     from allegro_fast.kernels import tensor_product as kernels
 
-    channels = 3
     center_ptr, _ = random_csr(NEIGHBOURS, device)
     layer = layer_form(2, True, channels, layer=1)
     key = kernels.register_layer(layer)
@@ -280,6 +337,7 @@ MODEL_CASES = {  # (config overrides, structures, dtypes): together they cover f
     "l3-1layer-trainable-bessel": ({"l_max": 3, "num_layers": 1, "bessel_trainable": True,
                                     "num_tensor_features": 3},
                                    "molecule", (torch.float64,)),
+    "l2-33-channels-tiled": ({"num_tensor_features": 33}, "periodic", (torch.float64,)),  # > 32: channel-tiled
 }
 
 
@@ -400,7 +458,7 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
 
 def test_triton_backend_warns_about_wide_models():
     config = small_config(num_tensor_features=96, l_max=1, num_layers=1)
-    with pytest.warns(UserWarning, match="backend='torch' is the better choice"):
+    with pytest.warns(UserWarning, match="compare with backend='torch'"):
         af.Allegro(config, backend="triton")
 
 

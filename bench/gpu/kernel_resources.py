@@ -58,26 +58,30 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
             "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2)}
 
 
-def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool):
-    """(name, kernel, BLOCK_E, BLOCK_C, num_warps) of every generated kernel an Allegro model launches on CUDA."""
+def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool, dtype: str):
+    """(name, kernel, constexprs, num_warps) of every generated kernel an Allegro model launches on CUDA, with
+    the launchers' own block sizes (`kernels.layer_launch`: the channel-tiled layer kernels above 32 channels)."""
+    import torch
+
     import allegro_fast as af
     from allegro_fast.kernels import tensor_product as kernels
 
     config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
                               parity=parity)
     model = af.Allegro(config, backend="torch")
-    block_e, block_c = 16, max(16, 1 << (channels - 1).bit_length())
+    launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda")
     for index, key in enumerate(model._triton_forms()):
         for backward in (False, True):
-            yield (f"layer{index}.{'backward' if backward else 'forward'}", kernels._layer_kernel(key, backward),
-                   block_e, block_c, kernels._num_warps(block_e, block_c))
+            yield (f"layer{index}.{'backward' if backward else 'forward'}",
+                   kernels._layer_kernel(key, backward, launch),
+                   launch.constants(getattr(torch, dtype)), launch.num_warps)
         if slots:
             layer = kernels._LAYERS[key]
             slot_e, slot_c = 16, min(1 << (channels - 1).bit_length(), 32)
             for form_name, form in (("environment", layer.environment), ("product", layer.product)):
                 for slot in range(3):
                     yield (f"layer{index}.{form_name}.slot{slot}", kernels._slot_kernel(form.key, slot),
-                           slot_e, slot_c, kernels._num_warps(slot_e, slot_c))
+                           {"BLOCK_E": slot_e, "BLOCK_C": slot_c}, kernels._num_warps(slot_e, slot_c))
 
 
 def main(argv=None) -> int:
@@ -94,12 +98,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the Triton versions we run on
     rows = []
     for dtype in args.dtypes:
-        for name, kernel, block_e, block_c, warps in model_kernels(args.l_max, args.channels, args.layers,
-                                                                   not args.no_parity, args.slots):
-            constexprs = {"BLOCK_E": block_e, "BLOCK_C": block_c}
-            if "DOT" in inspect.signature(kernel.fn).parameters:
-                constexprs["DOT"] = dtype != "float64"
-            row = {"kernel": name, "dtype": dtype, "BLOCK_E": block_e, "BLOCK_C": block_c, "arch": args.arch}
+        for name, kernel, constexprs, warps in model_kernels(args.l_max, args.channels, args.layers,
+                                                             not args.no_parity, args.slots, dtype):
+            row = {"kernel": name, "dtype": dtype, **constexprs, "arch": args.arch}
             try:
                 row.update(compile_for_gpu(kernel, dtype, constexprs, warps, args.arch))
             except Exception as error:  # a kernel that does not compile is the finding: report it, go on
