@@ -52,9 +52,10 @@ from .torch_ops import (
 )
 
 BACKENDS = ("torch", "triton")
-# Above this many tensor channels the Triton layer kernels (channel-tiled above 32) take minutes to compile and
-# still spill some registers: the rMD17 preset's (n = 128, l_max 3) middle-layer forward compiles for sm_90 in
-# about 90 s on a 2-core CPU and spills 224 B per thread. Their speed has not been measured on a GPU.
+# Above this many tensor channels the Triton layer kernels (channel-tiled above 32) are very large. For sm_90
+# (ptxas, Triton 3.6, 2-core CPU): 64 channels with l_max 2 compile (backward 79 s, 1.5 KB spill); the rMD17
+# preset's (128 channels, l_max 3) middle-layer forward compiles in about 90 s, but its backward is 660k lines of
+# PTX that ptxas did not finish (killed after about 20 minutes). Speed is unmeasured on a GPU.
 TRITON_CHANNELS_LIMIT = 64
 
 
@@ -198,7 +199,8 @@ class Allegro(AllegroPotential):
                 warnings.warn(
                     f"backend 'triton' with {config.num_tensor_features} tensor channels (above "
                     f"{TRITON_CHANNELS_LIMIT}) runs channel-tiled kernels that take minutes to compile on first use "
-                    "and spill some registers; their speed is not yet measured on a GPU: compare with "
+                    "and spill registers; with l_max 3 and 128 channels the backward (forces) did not compile for "
+                    "sm_90 within 20 minutes; their speed is not yet measured on a GPU: compare with "
                     "backend='torch' for this model", stacklevel=2)
 
     def build(self, config: AllegroConfig) -> None:
