@@ -519,8 +519,7 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
                            _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
-                           "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr",
-                           "DOT: tl.constexpr"])
+                           "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
     in_registers = _layer_preamble(writer, layer)
     product = layer.product
     product_names = {s: product.operands[s].name for s in range(3)}
@@ -551,6 +550,16 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
 
 
+def _backward_arguments() -> list[str]:
+    """The arguments both layer backward kernels start with: the inputs, the mixing weights, the cotangents of the
+    outputs and those of the inputs."""
+    arguments = [_operand_arguments("env_weights"), _operand_arguments("harmonics"), _operand_arguments("features"),
+                 "weights_ptr"]
+    for name in ("grad_scalars", "grad_mixed", "grad_features", "grad_env_weights", "grad_harmonics"):
+        arguments += [f"{name}_ptr", f"{name}_stride_row", f"{name}_stride_column"]
+    return arguments
+
+
 def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     """Source of the fused layer's backward to w, Y and V, per center: the environment in registers (pass 1);
     per block of edges the product's cotangent from those of the scalars and the mixed features (the
@@ -558,15 +567,8 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     product stored); then the cotangents of w and Y of the center's edges (pass 3)."""
     name = "fused_layer_backward_kernel"
     writer = _KernelWriter()
-    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
-                           _operand_arguments("features"), "weights_ptr",
-                           "grad_scalars_ptr", "grad_scalars_stride_row", "grad_scalars_stride_column",
-                           "grad_mixed_ptr", "grad_mixed_stride_row", "grad_mixed_stride_column",
-                           "grad_features_ptr", "grad_features_stride_row", "grad_features_stride_column",
-                           "grad_env_weights_ptr", "grad_env_weights_stride_row", "grad_env_weights_stride_column",
-                           "grad_harmonics_ptr", "grad_harmonics_stride_row", "grad_harmonics_stride_column",
-                           "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr",
-                           "DOT: tl.constexpr"])
+    arguments = ", ".join([*_backward_arguments(), "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr",
+                           "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
     in_registers = _layer_preamble(writer, layer)
     environment, product = layer.environment, layer.product
     env_names = {s: environment.operands[s].name for s in range(3)}
@@ -732,14 +734,8 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm, launch: LayerLaunch) -
     share of Y's (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
     name = "fused_layer_backward_tiled_kernel"
     writer = _KernelWriter()
-    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
-                           _operand_arguments("features"), "weights_ptr",
-                           "grad_scalars_ptr", "grad_scalars_stride_row", "grad_scalars_stride_column",
-                           "grad_mixed_ptr", "grad_mixed_stride_row", "grad_mixed_stride_column",
-                           "grad_features_ptr", "grad_features_stride_row", "grad_features_stride_column",
-                           "grad_env_weights_ptr", "grad_env_weights_stride_row", "grad_env_weights_stride_column",
-                           "grad_harmonics_ptr", "grad_harmonics_stride_row", "grad_harmonics_stride_column",
-                           "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels", *_TILED_ARGUMENTS])
+    arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
+                           *_TILED_ARGUMENTS])
     chunks = launch.output_chunks
     _tiled_preamble(writer, chunks)
     environment, product = layer.environment, layer.product
