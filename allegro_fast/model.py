@@ -53,9 +53,9 @@ from .torch_ops import (
 
 BACKENDS = ("torch", "triton")
 # Above this many tensor channels the Triton layer kernels (channel-tiled above 32) are very large. For sm_90
-# (ptxas, Triton 3.6, 2-core CPU): 64 channels with l_max 2 compile (backward 79 s, 1.5 KB spill); the rMD17
-# preset's (128 channels, l_max 3) middle-layer forward compiles in about 90 s, but its backward is 660k lines of
-# PTX that ptxas did not finish (killed after about 20 minutes). Speed is unmeasured on a GPU.
+# (ptxas, Triton 3.6, 2-core CPU): the rMD17 preset's (128 channels, l_max 3) middle-layer forward compiles in
+# about 90 s (224 B of spill per thread), its backward in about 2 minutes (float32: 624-712 B of spill; float64
+# see the README). Speed is unmeasured on a GPU.
 TRITON_CHANNELS_LIMIT = 64
 
 
@@ -199,9 +199,9 @@ class Allegro(AllegroPotential):
                 warnings.warn(
                     f"backend 'triton' with {config.num_tensor_features} tensor channels (above "
                     f"{TRITON_CHANNELS_LIMIT}) runs channel-tiled kernels that take minutes to compile on first use "
-                    "and spill registers; with l_max 3 and 128 channels the backward (forces) did not compile for "
-                    "sm_90 within 20 minutes; their speed is not yet measured on a GPU: compare with "
-                    "backend='torch' for this model", stacklevel=2)
+                    "(l_max 3, 128 channels: about 2 minutes per layer for the backward in float32) and spill "
+                    "registers (0.6-0.7 KB per thread in that backward); their speed is not yet measured on "
+                    "a GPU: compare with backend='torch' for this model", stacklevel=2)
 
     def build(self, config: AllegroConfig) -> None:
         n, width = config.num_tensor_features, config.num_scalar_features

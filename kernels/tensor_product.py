@@ -311,15 +311,20 @@ class _KernelWriter:
         for entry in form.entries:
             if entry[slot] != column or (only is not None and entry[only[0]] not in only[1]):
                 continue
-            factors = []
+            factors, center_factors = [], []
             for s in (a, b):
                 operand = form.operands[s]
                 if s in center_values:
-                    factors.append(center_values[s][entry[s]])
+                    factor = center_values[s][entry[s]]
                 elif operand.per_center:
-                    factors.append(self.center_vector(indent, names[s], entry[s]))
+                    factor = self.center_vector(indent, names[s], entry[s])
                 else:
-                    factors.append(self.edge_tile(indent, names[s], operand, entry[s]))
+                    factor = self.edge_tile(indent, names[s], operand, entry[s])
+                (center_factors if operand.per_center else factors).append(factor)
+            # per-center factors last: (c * edge value) * center value. c * center value first would be the same
+            # for every edge block, and the compiler hoists such products out of the edge loop, one live register
+            # per product
+            factors += center_factors
             value = entry[3]
             product = f"{factors[0]} * {factors[1]}"
             if abs(abs(value) - 1.0) < 1e-14:  # +-1 up to wigner_3j's round-off (0.9999999999999999): no multiply
@@ -657,16 +662,20 @@ def _channel_block(writer: _KernelWriter, indent: int) -> None:
     writer.emit(indent, "channel_cols = channels[None, :]")
 
 
-def _tiled_weight_tile(index: int, q: int) -> str:
-    """Rows `channels` and the columns of output chunk q of mixing matrix `index`: (BLOCK_C, BLOCK_O)."""
+def _tiled_weight_tile(index: int, q: int | None) -> str:
+    """Rows `channels` and the columns of output chunk q (None: the chunk `outs` of a runtime loop) of mixing
+    matrix `index`: (BLOCK_C, BLOCK_O)."""
+    chunk = "" if q is None else f"_{q}"
     return (f"tl.load(weights_ptr + {index} * num_channels * num_channels + channels[:, None] * num_channels + "
-            f"outs_{q}[None, :], mask=channel_mask[:, None] & out_mask_{q}[None, :], other=0.0)")
+            f"outs{chunk}[None, :], mask=channel_mask[:, None] & out_mask{chunk}[None, :], other=0.0)")
 
 
-def _out_tile(name: str, column: int, q: int) -> str:
-    """Address and mask of the (BLOCK_E, BLOCK_O) tile of output chunk q of column `column` of `name`."""
-    return (f"{name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + outs_{q}[None, :], "
-            f"mask=edge_mask[:, None] & out_mask_{q}[None, :]")
+def _out_tile(name: str, column: int, q: int | None) -> str:
+    """Address and mask of the (BLOCK_E, BLOCK_O) tile of output chunk q (None: `outs`) of column `column` of
+    `name`."""
+    chunk = "" if q is None else f"_{q}"
+    return (f"{name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + outs{chunk}[None, :], "
+            f"mask=edge_mask[:, None] & out_mask{chunk}[None, :]")
 
 
 _TILED_ARGUMENTS = ("BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr", "BLOCK_O: tl.constexpr")
@@ -729,15 +738,16 @@ def _generate_layer_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[s
 def _generate_layer_backward_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[str, str]:
     """Source of the fused layer's backward for many channels: one program per center loops over blocks of
     BLOCK_C channels; per block it sums the environment in registers, then per block of edges forms the product's
-    cotangent path by path (scalars' cotangent plus the transposed mixing of all output channels), stores V's
-    cotangent and sums the environment's; a last pass over the edges stores w's cotangent and this channel block's
-    share of Y's (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
+    cotangent path by path (scalars' cotangent plus the transposed mixing of all output channels, a runtime loop
+    over chunks of BLOCK_O output channels: unrolled, the rMD17 preset's backward was 660k lines of PTX that ptxas
+    did not finish in 20 minutes; looped, it compiles in about 2 minutes), stores V's cotangent and sums the
+    environment's; a last pass over the edges stores w's cotangent and this channel block's share of Y's
+    (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
     name = "fused_layer_backward_tiled_kernel"
     writer = _KernelWriter()
     arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            *_TILED_ARGUMENTS])
-    chunks = launch.output_chunks
-    _tiled_preamble(writer, chunks)
+    _tiled_preamble(writer, 0)
     environment, product = layer.environment, layer.product
     env_names = {s: environment.operands[s].name for s in range(3)}
     product_names = {s: product.operands[s].name for s in range(3)}
@@ -768,12 +778,14 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm, launch: LayerLaunch) -
                 writer.emit(3, f"gt_{column} = {_load_edge_tile('grad_scalars', column - first)}")
             else:
                 writer.emit(3, f"gt_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
-        if group is not None:
-            for q in range(chunks):
-                writer.emit(3, f"w = {_tiled_weight_tile(group.weight_start + j, q)}")
-                for m, column in enumerate(columns):  # V^L's cotangent reloaded per path (L1/L2): few live tiles
-                    writer.emit(3, f"gv = tl.load({_out_tile('grad_mixed', group.output_start + m, q)}, other=0.0)")
-                    writer.emit(3, f"gt_{column} = mix_transposed(gt_{column}, gv, w)")
+        if group is not None:  # a runtime loop over the output chunks: the code does not grow with n
+            writer.emit(3, "for out_start in range(0, num_channels, BLOCK_O):")
+            writer.emit(4, "outs = out_start + tl.arange(0, BLOCK_O)")
+            writer.emit(4, "out_mask = outs < num_channels")
+            writer.emit(4, f"w = {_tiled_weight_tile(group.weight_start + j, None)}")
+            for m, column in enumerate(columns):  # V^L's cotangent reloaded per path (L1/L2): few live tiles
+                writer.emit(4, f"gv = tl.load({_out_tile('grad_mixed', group.output_start + m, None)}, other=0.0)")
+                writer.emit(4, f"gt_{column} = mix_transposed(gt_{column}, gv, w)")
         cotangent = {2: {column: f"gt_{column}" for column in columns}}
         only = (2, set(columns))
         for column in range(product.operands[0].columns):
