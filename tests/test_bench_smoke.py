@@ -3,10 +3,14 @@ profiles collect (they live in bench/kernels, outside CI's testpaths, so nothing
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from allegro_fast import bench_cli
 
@@ -45,3 +49,21 @@ def test_kernel_profiles_collect():
     collected = [line for line in result.stdout.splitlines() if "test_profile[" in line]
     assert any("layer-middle" in line and "double_backward" in line for line in collected)
     assert any("edge_geometry" in line for line in collected) and any("readout" in line for line in collected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("threshold,tiled", [(None, False), (0, True)])
+def test_kernel_profile_times_the_tiled_layer_kernels_on_request(tmp_path, threshold, tiled):
+    """--bench-tile-channels-above moves the layer's kernel choice (the GPU suite's kernels_layer_tiled stage
+    times n = 32 both ways), and every triton layer row says which kernels ran. Under the interpreter: one call."""
+    output = tmp_path / "profile.json"
+    option = [] if threshold is None else ["--bench-tile-channels-above", str(threshold)]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/kernels", "--bench-sizes", "quick",
+         "--bench-device", "cpu", "--bench-ops", "layer", "--bench-providers", "triton", "--bench-dtypes", "float32",
+         *option, "-k", "middle and n8 and l1 and forward", "--benchmark-json", str(output)],
+        capture_output=True, text=True, cwd=REPO, check=False, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(output.read_text())["benchmarks"]
+    assert len(rows) == 1 and rows[0]["extra_info"]["tiled"] is tiled

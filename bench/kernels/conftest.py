@@ -1,6 +1,7 @@
 """Options of the kernel profiles (bench/kernels); see test_ops_profile.py.
 
     pytest bench/kernels --bench-device cuda --bench-sizes gpu --benchmark-json out.json
+    pytest bench/kernels --bench-ops layer --bench-providers triton --bench-tile-channels-above 0   # tiled kernels
 """
 
 from __future__ import annotations
@@ -19,3 +20,14 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtypes", default="float32,float64", help="comma-separated dtypes")
     group.addoption("--bench-ops", default="edge_geometry,layer,readout", help="comma-separated ops")
     group.addoption("--bench-providers", default="torch,reference,triton", help="comma-separated providers")
+    group.addoption("--bench-tile-channels-above", type=int, default=None,
+                    help="the triton layer runs its channel-tiled kernels above this many channels (default: the "
+                         "library's TILE_CHANNELS_ABOVE); 0 times the tiled kernels at every size")
+
+
+def pytest_configure(config):
+    threshold = config.getoption("bench_tile_channels_above", default=None)
+    if threshold is not None:
+        from allegro_fast.kernels import tensor_product
+
+        tensor_product.TILE_CHANNELS_ABOVE = threshold

@@ -4,6 +4,7 @@
     pytest bench/kernels --bench-sizes quick                  # seconds: tiny sizes
     pytest bench/kernels --bench-device cuda --benchmark-json profiles.json --benchmark-max-time 0.2
     pytest bench/kernels -k "layer and double_backward"       # one slice
+    pytest bench/kernels --bench-ops layer --bench-providers triton --bench-tile-channels-above 0  # tiled kernels
 
 Ops and passes are defined in bench/ops.py. Every benchmark's group names the op, pass, dtype and size
 ("layer[middle] double_backward float32 E=2048 n=16 l_max=2"), so pytest-benchmark's table lists the
@@ -118,6 +119,10 @@ def test_profile(benchmark, profile_case):
     benchmark.extra_info.update(op=op, position=position, provider=provider, pass_=pass_name, dtype=dtype_name,
                                 num_edges=edges, num_nodes=case.num_nodes, channels=channels, l_max=l_max,
                                 device=device, interpreter=interpreter)
+    if provider == "triton" and op == "layer":  # which layer kernels ran: one-block or channel-tiled
+        from allegro_fast.kernels.tensor_product import layer_launch
+
+        benchmark.extra_info["tiled"] = layer_launch(channels, DTYPES[dtype_name], device).tiled
     try:
         result = benchmark.pedantic(run, rounds=1, iterations=1) if interpreter else benchmark(run)
     except torch.cuda.OutOfMemoryError as error:
