@@ -735,7 +735,7 @@ def _generate_layer_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[s
     return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
 
 
-def _generate_layer_backward_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[str, str]:
+def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
     """Source of the fused layer's backward for many channels: one program per center loops over blocks of
     BLOCK_C channels; per block it sums the environment in registers, then per block of edges forms the product's
     cotangent path by path (scalars' cotangent plus the transposed mixing of all output channels, a runtime loop
@@ -857,14 +857,18 @@ def _slot_kernel(key: str, slot: int):
 def _layer_kernel(key: str, backward: bool = False, launch: LayerLaunch | None = None):
     """The forward or backward kernel of a registered layer: the one-block kernel, or for a tiled `launch` the
     channel-tiled one (specialised to its output chunks and mixing passes)."""
-    tiling = (launch.block_n, launch.block_o, launch.columns_per_pass) if launch is not None and launch.tiled else None
+    tiling = None
+    if launch is not None and launch.tiled:  # the tiled backward's source does not depend on the launch
+        tiling = "tiled" if backward else (launch.block_n, launch.block_o, launch.columns_per_pass)
     cache_key = ("layer", key, backward, tiling)
     if cache_key not in _KERNELS:
         layer = _LAYERS[key]
         if tiling is None:
             name, source = (_generate_layer_backward if backward else _generate_layer)(layer)
+        elif backward:
+            name, source = _generate_layer_backward_tiled(layer)
         else:
-            name, source = (_generate_layer_backward_tiled if backward else _generate_layer_tiled)(layer, launch)
+            name, source = _generate_layer_tiled(layer, launch)
         _KERNELS[cache_key] = _load_generated(name, _generate_environment_block(layer.environment) + "\n\n" + source)
     return _KERNELS[cache_key]
 

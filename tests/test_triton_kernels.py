@@ -234,7 +234,8 @@ def test_layer_launch_tiles_wide_layers():
 def test_generated_backward_stays_small_for_wide_layers():
     """What made the rMD17 preset's backward (l_max 3, 128 channels) compile for sm_90 (ptxas: from 660k lines
     of PTX that did not finish in 20 minutes to about 2 minutes, and from 2.7 KB to 0.6-0.7 KB of spill): the
-    transposed mixing loops over output chunks at runtime, so the source does not grow with the channel count;
+    transposed mixing loops over output chunks at runtime (one loop per path), so the source does not depend on
+    the channel count;
     and no term multiplies a coefficient by A first (a product the same for every edge block, which the compiler
     hoists out of the edge loop and keeps live)."""
     import re
@@ -242,11 +243,9 @@ def test_generated_backward_stays_small_for_wide_layers():
     from allegro_fast.kernels import tensor_product as kernels
 
     layer = layer_form(3, True, 128, 1)
-    narrow, wide = (kernels.layer_launch(n, torch.float32, "cuda") for n in (64, 128))
-    assert narrow.output_chunks < wide.output_chunks
-    _, narrow_source = kernels._generate_layer_backward_tiled(layer, narrow)
-    _, source = kernels._generate_layer_backward_tiled(layer, wide)
-    assert source == narrow_source
+    _, source = kernels._generate_layer_backward_tiled(layer)
+    assert "outs_0" not in source and source.count("for out_start in range(0, num_channels, BLOCK_O):") == sum(
+        group.num_paths for group in layer.mixing)
     assert source.count("mix_transposed(") == sum(group.num_paths * group.dim for group in layer.mixing)
     for name, generated in (("tiled", source), ("one-block", kernels._generate_layer_backward(layer)[1])):
         hoistable = re.findall(r"\bg\d+ \* env_row_\d+", generated)
