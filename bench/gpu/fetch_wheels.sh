@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Downloads the wheels that the bare GPU image lacks into .wheels/ (git-ignored), for an offline install there:
-#   ase, vesin, pyyaml, tqdm, scipy, matplotlib and matplotlib's dependencies (allegro-fast's own needs), and,
+#   ase, vesin, pyyaml, tqdm, scipy, matplotlib and matplotlib's dependencies (allegro-fast's own needs),
+#   pytest-xdist and execnet (the CUDA tests compile their kernels in parallel processes), and,
 #   unless --no-nequip, nequip-allegro 0.8.3 with the dependencies the image lacks (nequip, hydra-core,
 #   omegaconf, antlr4-python3-runtime, lmdb, matscipy), so that bench/gpu/run_suite.sh can time the authors'
 #   package beside ours. torch, triton, e3nn and numpy are never downloaded: the image's builds stay.
@@ -34,7 +35,8 @@ while [ $# -gt 0 ]; do
 done
 
 packages="ase==3.29.0 vesin==0.6.2 pyyaml==6.0.3 tqdm==4.70.1 matplotlib==3.11.2 contourpy==1.3.3 cycler==0.12.1
-fonttools==4.68.0 kiwisolver==1.5.1 pillow==13.0.0 pyparsing==3.3.3 python-dateutil==4.0.0 six packaging"
+fonttools==4.68.0 kiwisolver==1.5.1 pillow==13.0.0 pyparsing==3.3.3 python-dateutil==4.0.0 six packaging
+pytest-xdist==3.8.0 execnet==2.1.2"
 [ "$with_scipy" = 1 ] && packages="$packages scipy==1.17.1"
 [ "$with_nequip" = 1 ] && packages="$packages nequip==0.19.1 nequip-allegro==0.8.3 hydra-core==1.3.8 omegaconf==2.3.1
 lmdb matscipy==1.3.1"

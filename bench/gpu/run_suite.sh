@@ -36,7 +36,8 @@ wanted = {"ase": "ase", "vesin": "vesin", "yaml": "pyyaml", "tqdm": "tqdm", "sci
           "matplotlib": "matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil",
           "dateutil": "python-dateutil", "six": "six", "packaging": "packaging",
           "nequip": "nequip", "allegro": "nequip-allegro", "hydra": "hydra-core", "omegaconf": "omegaconf",
-          "antlr4": "antlr4-python3-runtime", "lmdb": "lmdb", "matscipy": "matscipy"}
+          "antlr4": "antlr4-python3-runtime", "lmdb": "lmdb", "matscipy": "matscipy",
+          "xdist": "pytest-xdist execnet"}
 print(" ".join(sorted({d for module, dists in wanted.items() if importlib.util.find_spec(module) is None
                        for d in dists.split()})))
 PY

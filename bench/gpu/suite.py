@@ -6,18 +6,20 @@ package first); directly:
     python bench/gpu/suite.py --out results/                 # CUDA
     python bench/gpu/suite.py --device cpu --quick --out /tmp/suite   # dry run of the same stages here
     bash bench/gpu/run_suite.sh --only kernels e2e_models     # a second call: the stages the first had no time for
+    bash bench/gpu/run_suite.sh --only cuda_tests_heavy       # the CUDA tests whose kernels take minutes to compile
 
 Every stage runs in its own subprocess with a timeout taken from the remaining budget (--budget seconds,
 default 540, so that one device call of 10 minutes holds the install and the suite); a stage that fails or
 runs out of time is recorded with its error and the next one runs. Stages, in order of priority:
 
     environment      nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast
-    cuda_tests       python -m pytest -m cuda tests   (quick: -m "not slow" on the CPU, first failures only)
+    cuda_tests       python -m pytest -m "cuda and not compile_heavy" tests   (CPU dry run: -m cuda, skipped)
     e2e_default      end to end, default model (allegro_fast.bench_cli)
     roofline         bench/roofline.py
     kernels_<op>     pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
     kernels_layer_tiled  the n = 32 middle layer again with the channel-tiled kernels (the threshold's data)
     e2e_models       end to end, the speed and rMD17 models
+    cuda_tests_heavy the CUDA tests marked compile_heavy (minutes of ptxas; CUDA only)
     plots            bench/plot.py
 
 Out folder (at most 8 files, as the device tool brings back): summary.txt (the final table and every
@@ -29,6 +31,7 @@ with every log, raw JSON and figure. --keep-work also leaves the working folder 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -199,12 +202,17 @@ def main(argv=None) -> int:
                              "error": "; ".join(failed)[:300] if failed else None,
                              "log_tail": text.strip().splitlines()[-15:]})
     suite.record("environment", lambda: environment(device))
+    # Compiling the generated kernels (one CPU core each, minutes in all) dominates the CUDA tests: with pytest-xdist
+    # (carried by fetch_wheels.sh) they run in parallel processes sharing Triton's disk cache.
+    parallel = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
     if cuda:
-        # Every generated kernel (slots and fused layers of many configurations) compiles once here: minutes.
-        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 200)
+        # Every generated kernel (slots and fused layers of many configurations) compiles once here: minutes. The
+        # tests marked compile_heavy (minutes of ptxas each) run in the last stage, cuda_tests_heavy.
+        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda and not compile_heavy", "tests", "-p",
+                                 "no:cacheprovider", *parallel], 200)
     else:
-        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"], 60,
-                  env={"OMP_NUM_THREADS": "1"})
+        suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider",
+                                 *parallel], 60, env={"OMP_NUM_THREADS": "1"})
 
     e2e = [python, "-m", "allegro_fast.bench_cli", "--device", device, "--no-roofline", "--timeout", "150"]
     if args.quick:
@@ -251,6 +259,9 @@ def main(argv=None) -> int:
         (work / "e2e.json").write_text(json.dumps(merged, indent=1))
         suite.run("plots", [python, "bench/plot.py", str(work / "e2e.json"), str(work / "roofline.json")
                             if (work / "roofline.json").exists() else str(work / "e2e.json"), "--out", str(work)], 60)
+    if cuda:  # last: minutes of compiling (the l_max 3 channel-tiled backward); alone: --only cuda_tests_heavy
+        suite.run("cuda_tests_heavy", [python, "-m", "pytest", "-q", "-m", "cuda and compile_heavy", "tests", "-p",
+                                       "no:cacheprovider", *parallel], 420)
     suite.record("kernel_rows", lambda: len(merge_kernel_profiles(work)))
     (work / "kernels.json").write_text(json.dumps(merge_kernel_profiles(work), indent=0))
 
