@@ -54,7 +54,7 @@ def test_kernel_profiles_collect():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("threshold,tiled", [(None, False), (0, True)])
 def test_kernel_profile_times_the_tiled_layer_kernels_on_request(tmp_path, threshold, tiled):
-    """--bench-tile-channels-above moves the layer's kernel choice (the GPU suite's kernels_layer_tiled stage
+    """--bench-tile-channels-above moves the layer's kernel choice (the GPU suite's kernels_layer_tiled_float32 stage
     times n = 32 both ways), and every triton layer row says which kernels ran. Under the interpreter: one call."""
     output = tmp_path / "profile.json"
     option = [] if threshold is None else ["--bench-tile-channels-above", str(threshold)]

@@ -17,7 +17,7 @@ runs out of time is recorded with its error and the next one runs. Stages, in or
     e2e_default      end to end, default model (allegro_fast.bench_cli)
     roofline         bench/roofline.py
     kernels_<op>     pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
-    kernels_layer_tiled  the n = 32 middle layer again with the channel-tiled kernels (the threshold's data)
+    kernels_layer_tiled_float32  the n = 32 middle layer again with the channel-tiled kernels (the threshold's data)
     e2e_models       end to end, the speed and rMD17 models
     cuda_tests_heavy the CUDA tests marked compile_heavy (minutes of ptxas; CUDA only)
     plots            bench/plot.py
@@ -229,26 +229,26 @@ def main(argv=None) -> int:
     suite.run("roofline", roofline, 120, outputs=("roofline.json",))
 
     sizes = "quick" if args.quick else ("gpu" if cuda else "cpu")
+
+    def kernel_profile(name: str, op: str, dtype: str, timeout: float, options: tuple[str, ...] = ()) -> None:
+        """One pytest-benchmark run of bench/kernels, its JSON as work/<name>.json (stage name: dashes as _)."""
+        suite.run(name.replace("-", "_"), [
+            python, "-m", "pytest", "bench/kernels", "-q", "-p", "no:cacheprovider", "--bench-device", device,
+            "--bench-sizes", sizes, "--bench-ops", op, "--bench-dtypes", dtype, *options,
+            "--benchmark-max-time", "0.05", "--benchmark-min-rounds", "5", "--benchmark-columns", "median,iqr,rounds",
+            "--benchmark-json", str(work / f"{name}.json")], timeout, env={"OMP_NUM_THREADS": "1"} if not cuda else None,
+            outputs=(f"{name}.json",))
+
     for dtype in ("float32", "float64"):
         for op in ("layer", "edge_geometry", "readout"):
-            name = f"kernels-{op}-{dtype}"
-            suite.run(name.replace("-", "_"), [
-                python, "-m", "pytest", "bench/kernels", "-q", "-p", "no:cacheprovider", "--bench-device", device,
-                "--bench-sizes", sizes, "--bench-ops", op, "--bench-dtypes", dtype,
-                "--benchmark-max-time", "0.05", "--benchmark-min-rounds", "5", "--benchmark-columns", "median,iqr,rounds",
-                "--benchmark-json", str(work / f"{name}.json")], 150 if op == "layer" else 90, env={"OMP_NUM_THREADS": "1"} if not cuda else None,
-                outputs=(f"{name}.json",))
+            kernel_profile(f"kernels-{op}-{dtype}", op, dtype, 150 if op == "layer" else 90)
 
     # The threshold between the one-block and the channel-tiled layer kernels (TILE_CHANNELS_ABOVE = 32): at n = 32
     # ptxas spills 1-2 KB per thread in the one-block backward and at most 136 B in the tiled one (bench/README);
     # the same middle-layer point timed with the tiled kernels, beside the default's row in kernels.json ("tiled").
     point = "middle and n8" if args.quick else "middle and E65536 and n32 and l2"
-    suite.run("kernels_layer_tiled", [
-        python, "-m", "pytest", "bench/kernels", "-q", "-p", "no:cacheprovider", "--bench-device", device,
-        "--bench-sizes", sizes, "--bench-ops", "layer", "--bench-providers", "triton", "--bench-dtypes", "float32",
-        "--bench-tile-channels-above", "0", "-k", point, "--benchmark-max-time", "0.05", "--benchmark-min-rounds", "5",
-        "--benchmark-columns", "median,iqr,rounds", "--benchmark-json", str(work / "kernels-layer-tiled-float32.json")],
-        90, env={"OMP_NUM_THREADS": "1"} if not cuda else None, outputs=("kernels-layer-tiled-float32.json",))
+    kernel_profile("kernels-layer-tiled-float32", "layer", "float32", 90,
+                   ("--bench-providers", "triton", "--bench-tile-channels-above", "0", "-k", point))
 
     if not args.quick:
         suite.run("e2e_models", [*e2e, "--models", "speed", "rmd17", "--repeats", "10", "--warmup", "3",
