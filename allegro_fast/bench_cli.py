@@ -15,12 +15,16 @@ Tasks: "inference" = energy + forces (no stress), model.eval(); "train" = one op
 forces with create_graph, loss = per-atom energy MSE + force MSE, backward (double backward through the
 forces), Adam step. Targets are the labels where the case has them, else fixed random numbers.
 
-Providers: "torch" and "triton" (allegro_fast.Allegro backends), "torch-compiled" (the torch backend
+Providers: "torch" and "triton" (allegro_fast.Allegro backends; on CUDA the triton backend's kernels are first
+compiled in parallel processes by `kernels.precompile`, reported as precompile_s), "torch-compiled" (the torch backend
 compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e. `training.compile: true`,
 for training; compilation happens in the untimed first call, reported as first_call_ms), "reference" (ReferenceAllegro),
 "nequip" (nequip-allegro 0.8.3 eager), "nequip-compiled" (training with its compile_mode="compile":
-make_fx + torch.compile, compiled in the untimed first call), and on CUDA "nequip-triton" (its Triton tensor-product kernel,
-inference only) and "nequip-cueq" (its cuEquivariance path, where cuequivariance_torch is installed).
+make_fx + torch.compile, compiled in the untimed first call), "nequip-aoti" (inference through its deployment
+path, `nequip-compile --mode aotinductor`, exported in the job: compile_s), and on CUDA "nequip-triton" (its Triton
+tensor-product kernel, inference only), "nequip-triton-aoti" (both: its fastest inference path; not in the default
+provider list, it compiles for minutes per job) and "nequip-cueq" (its cuEquivariance path, where
+cuequivariance_torch is installed).
 nequip runs through bench/nequip_runner.py with its own interpreter (--nequip-python, default
 $NEQUIP_PYTHON, /work/venv-nequip/bin/python, or this interpreter if it can import nequip): it changes
 process-wide torch defaults, so it never shares a process with us. Unavailable providers are rows with
@@ -75,7 +79,7 @@ CASES = {
 }
 MODELS = ("default", "speed", "rmd17")
 OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "reference")
-NEQUIP_PROVIDERS = ("nequip", "nequip-compiled", "nequip-triton", "nequip-cueq")
+NEQUIP_PROVIDERS = ("nequip", "nequip-compiled", "nequip-triton", "nequip-cueq", "nequip-aoti", "nequip-triton-aoti")
 PROVIDERS = OUR_PROVIDERS + NEQUIP_PROVIDERS
 
 # (case, model, task) per device; --cases/--models/--tasks filter these, --jobs replaces them.
@@ -305,6 +309,14 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
                 optimizer.step()
             return loss
 
+    if provider == "triton" and device.type == "cuda":  # compile in parallel processes, not serially in step()
+        from allegro_fast.kernels.precompile import precompile
+
+        report = precompile(model, training=job["task"] == "train")
+        row.update(precompile_s=report["seconds"], precompiled_kernels=len(report["kernels"]),
+                   slowest_kernel_s=max(report["kernels"].values(), default=None))
+        if report["errors"]:
+            row["precompile_errors"] = report["errors"]
     begin = time.perf_counter()
     with nvtx_range(f"bench/{provider}/{job['case']}/{job['task']}/first call"):
         step()
@@ -363,9 +375,10 @@ def unavailable_reason(provider: str, device: str, task: str, nequip_python: str
         if not NEQUIP_RUNNER.exists():
             return f"{NEQUIP_RUNNER} not found (run from a source checkout)"
         if provider == "nequip-compiled" and task != "train":
-            return ("nequip-compiled is its train-time compile_mode='compile'; its compiled inference is "
-                    "AOTInductor (bench/nequip_runner.py --compile aotinductor)")
-        if provider not in ("nequip", "nequip-compiled") and device != "cuda":
+            return "nequip-compiled is its train-time compile_mode='compile'; its compiled inference is nequip-aoti"
+        if provider in ("nequip-aoti", "nequip-triton-aoti") and task != "inference":
+            return f"{provider} is nequip's deployment path (AOTInductor, inference only)"
+        if provider not in ("nequip", "nequip-compiled", "nequip-aoti") and device != "cuda":
             return f"{provider} needs CUDA"
         if provider == "nequip-triton" and task == "train":
             return "nequip's Triton kernel is inference-only (TritonContracter runs only when not training)"

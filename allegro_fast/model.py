@@ -199,7 +199,8 @@ class Allegro(AllegroPotential):
                 warnings.warn(
                     f"backend 'triton' with {config.num_tensor_features} tensor channels (above "
                     f"{TRITON_CHANNELS_LIMIT}) runs channel-tiled kernels that take minutes to compile on first use "
-                    "(l_max 3, 128 channels: about 2 minutes per layer for the backward in float32) and spill "
+                    "(l_max 3, 128 channels: about 2 minutes per layer for the backward in float32; "
+                    "allegro_fast.kernels.precompile compiles them in parallel) and spill "
                     "registers (0.6-0.7 KB per thread in that backward); their speed is not yet measured on "
                     "a GPU: compare with backend='torch' for this model", stacklevel=2)
 

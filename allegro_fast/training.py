@@ -288,12 +288,27 @@ class Trainer:
         num_parameters = sum(p.numel() for p in self.model.parameters())
         self._log(f"model: {num_parameters} parameters, backend {config.backend}, {self.config.training.dtype}, "
                   f"device {self.device}, {torch.get_num_threads()} threads, {self.dist.world_size} process(es)")
+        if config.backend == "triton" and self.device.type == "cuda":
+            self._precompile_kernels()
         r_max, dtype = model_config.r_max, self.dtype
         self.train_set = LabelledDataset(self.train_frames, r_max, dtype, self.device, source="training frames")
         self.validation_set = LabelledDataset(self.validation_frames, r_max, dtype, self.device,
                                               source="validation frames")
         if config.training.stress_weight > 0 and not self.train_set.has_any_stress:
             raise ValueError("training.stress_weight > 0 but no training frame has a stress label")
+
+    def _precompile_kernels(self) -> None:
+        """Compile the Triton kernels of a training step in parallel processes before the first step (serially,
+        on first use, a model with many channels waits minutes); the other ranks wait and read Triton's cache."""
+        if self.dist.is_main:
+            from .kernels.precompile import precompile
+
+            report = precompile(self.model, training=True)
+            self._log(f"compiled {len(report['kernels'])} Triton kernels in {report['seconds']:.0f} s "
+                      f"({report['processes']} processes at a time)")
+            for name, error in report["errors"].items():
+                self._log(f"warning: kernel '{name}' did not precompile ({error}); the first step will say why")
+        self.dist.barrier()
 
     # -- checkpoints ---------------------------------------------------------------
     def _checkpoint_payload(self) -> dict:

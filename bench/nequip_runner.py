@@ -211,7 +211,10 @@ PROVIDER_MODIFIERS = {
     "nequip-triton": ["enable_TritonContracter"],  # inference on CUDA only
     "nequip-cueq": ["enable_CuEquivarianceContracter"],  # needs cuequivariance_torch
     "nequip-compiled": [],  # training with nequip's compile_mode="compile" (make_fx + torch.compile)
+    "nequip-aoti": [],  # inference through AOTInductor (nequip-compile --mode aotinductor)
+    "nequip-triton-aoti": ["enable_TritonContracter"],  # its fastest inference path on CUDA: both
 }
+AOTI_PROVIDERS = ("nequip-aoti", "nequip-triton-aoti")
 
 
 def model_kwargs(type_names, dtype, avg_num_neighbors, seed, shift=None, scale=None, preset="default"):
@@ -296,6 +299,45 @@ def timed_loop(fn, warmup, repeats, mem):
 
 
 # --------------------------------------------------------------------------------------
+# AOTInductor: nequip's deployment path, in process
+# --------------------------------------------------------------------------------------
+def aotinductor_model(model, data, device):
+    """What `nequip-compile --mode aotinductor --target ase` (one frame; `batch` for several) builds from an
+    eval-mode model (modifiers already applied), exported for `device` and loaded back through nequip's own
+    loader: (callable on a data dict, its input dict, {"compile_s", "target", "note"})."""
+    import torch
+    from nequip.data import AtomicDataDict
+    from nequip.model.inference_models.aotinductor import load_aotinductor_model
+    from nequip.scripts._compile_utils import COMPILE_TARGET_DICT
+    from nequip.utils.aot import aot_export_model
+    from nequip.utils.aoti_metadata import NEQUIP_AOTI_INPUTS_KEY, NEQUIP_AOTI_OUTPUTS_KEY, serialize_aoti_keys
+
+    target = "ase" if AtomicDataDict.num_frames(data) == 1 else "batch"
+    settings = COMPILE_TARGET_DICT[target]
+    batch_map = settings["batch_map_settings"]({
+        "graph": torch.export.Dim("num_frames", min=2),
+        "node": torch.export.Dim("num_nodes", min=2),
+        "edge": torch.export.Dim("num_edges", min=2),
+    })
+    export_data = settings["data_settings"]({k: v.clone() for k, v in data.items()})
+    metadata = {k: str(v) for k, v in model.metadata.items()}
+    metadata[NEQUIP_AOTI_INPUTS_KEY] = serialize_aoti_keys(settings["input"])
+    metadata[NEQUIP_AOTI_OUTPUTS_KEY] = serialize_aoti_keys(settings["output"])
+    folder = tempfile.mkdtemp(prefix="nequip_aoti_")
+    path = os.path.join(folder, "model.nequip.pt2")
+    begin = time.perf_counter()
+    aot_export_model(model=model, device=device, input_fields=settings["input"], output_fields=settings["output"],
+                     data=export_data, batch_map=batch_map, output_path=path,
+                     inductor_configs={"aot_inductor.metadata": metadata}, seed=1)
+    compile_s = time.perf_counter() - begin
+    run_model, _ = load_aotinductor_model(path, str(device))
+    shutil.rmtree(folder, ignore_errors=True)  # loaded: the package file is no longer read
+    note = (f"AOTInductor export of the freshly built model, nequip-compile target '{target}' (inputs "
+            f"{settings['input']}, outputs {settings['output']}), called through nequip's loader (inference_mode)")
+    return run_model, {k: data[k] for k in settings["input"]}, {"compile_s": compile_s, "target": target, "note": note}
+
+
+# --------------------------------------------------------------------------------------
 # --jobs: several jobs of allegro_fast's bench runner (allegro_fast/bench_cli.py) in one process
 # --------------------------------------------------------------------------------------
 def _labels(frames, seed):
@@ -377,7 +419,15 @@ def run_one_job(provider, job, settings):
     if preset != "default":
         row["notes"].append("nequip has one hidden width per MLP: sizes approximate allegro_fast's preset "
                             f"'{preset}' (see MODEL_PRESETS in bench/nequip_runner.py)")
-    if job["task"] == "inference":
+    if job["task"] == "inference" and provider in AOTI_PROVIDERS:
+        model.eval()
+        run_model, run_data, compiled = aotinductor_model(model, data, device)
+        row["compile_s"] = compiled["compile_s"]
+        row["notes"].append(compiled["note"])
+
+        def step():
+            return run_model(dict(run_data))[AtomicDataDict.FORCE_KEY]
+    elif job["task"] == "inference":
         model.eval()
 
         def step():
@@ -565,41 +615,10 @@ def main(argv=None) -> int:
     if args.task == "inference":
         model.eval()
         if compile_path == "aotinductor":
-            from nequip.model.inference_models.aotinductor import load_aotinductor_model
-            from nequip.scripts._compile_utils import COMPILE_TARGET_DICT
-            from nequip.utils.aot import aot_export_model
-            from nequip.utils.aoti_metadata import (
-                NEQUIP_AOTI_INPUTS_KEY,
-                NEQUIP_AOTI_OUTPUTS_KEY,
-                serialize_aoti_keys,
-            )
-
-            target = "ase" if num_frames == 1 else "batch"
-            tdict = COMPILE_TARGET_DICT[target]
-            batch_map = {
-                "graph": torch.export.Dim("num_frames", min=2),
-                "node": torch.export.Dim("num_nodes", min=2),
-                "edge": torch.export.Dim("num_edges", min=2),
-            }
-            batch_map = tdict["batch_map_settings"](batch_map)
-            cdata = tdict["data_settings"]({k: v.clone() for k, v in data.items()})
-            metadata = {k: str(v) for k, v in model.metadata.items()}
-            metadata[NEQUIP_AOTI_INPUTS_KEY] = serialize_aoti_keys(tdict["input"])
-            metadata[NEQUIP_AOTI_OUTPUTS_KEY] = serialize_aoti_keys(tdict["output"])
-            tmpdir = tempfile.mkdtemp(prefix="nequip_aoti_")
-            out_path = os.path.join(tmpdir, "model.nequip.pt2")
-            t0 = time.perf_counter()
-            aot_export_model(model=model, device="cpu", input_fields=tdict["input"],
-                             output_fields=tdict["output"], data=cdata, batch_map=batch_map,
-                             output_path=out_path, inductor_configs={"aot_inductor.metadata": metadata},
-                             seed=1)
-            result["compile_s"] = time.perf_counter() - t0
-            run_model, _meta = load_aotinductor_model(out_path, "cpu")
-            run_data = {k: data[k] for k in tdict["input"]}
             eager_forces = model(dict(data))[AtomicDataDict.FORCE_KEY].detach()  # parity check, before memory marks
-            notes.append(f"AOTInductor export of the freshly built model, nequip-compile target '{target}' "
-                         f"(inputs {tdict['input']}, outputs {tdict['output']}); called through nequip's "
-                         "DictInputOutputWrapper (torch.inference_mode)")
+            run_model, run_data, compiled = aotinductor_model(model, data, torch.device("cpu"))
+            result["compile_s"] = compiled["compile_s"]
+            notes.append(compiled["note"])
         else:
             run_model = model
             run_data = data
@@ -617,7 +636,6 @@ def main(argv=None) -> int:
                   "forces_dtype": str(f.dtype), "energy_dtype": str(e.dtype)}
         if compile_path == "aotinductor":
             sanity["aoti_vs_eager_max_abs_force_diff"] = float((f.detach() - eager_forces).abs().max())
-            shutil.rmtree(tmpdir, ignore_errors=True)
         times, mem = timed_loop(step, warmup, args.repeats, mem)
     else:
         model.train()

@@ -3,7 +3,8 @@
 - `edge_geometry`: lengths, Bessel basis, envelope and spherical harmonics of the edge vectors in one kernel;
 - `tensor_product`: the environment sum and the channel-wise tensor product as slots of two trilinear forms,
   with the fused per-center layer forward `fused_layer` (environment, product and channel mixing in one
-  kernel) and the slot kernels that make backward and double backward.
+  kernel) and the slot kernels that make backward and double backward;
+- `precompile`: compile every kernel a model launches, in parallel processes, before its first call.
 
 Every op is a `torch.library.custom_op` (allegro_fast::edge_geometry, ::edge_geometry_backward,
 ::fused_layer, ::trilinear_slot). Kernels need CUDA tensors, or CPU tensors with

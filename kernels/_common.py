@@ -1,9 +1,12 @@
-"""What every kernel launcher shares: the device check and nvtx ranges."""
+"""What every kernel launcher shares: the device check, nvtx ranges, and the kernel selection of precompile."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -32,3 +35,66 @@ def nvtx_range(name: str):
     if torch.cuda.is_available():
         return torch.cuda.nvtx.range(name)
     return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel selection: which generated kernels this process launches (allegro_fast.kernels.precompile)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KernelSelection:
+    """Under `kernel_selection`: the names of the generated kernels asked for, in order of first request, and
+    the seconds each selected kernel's first launch took (compiling it, or reading Triton's disk cache)."""
+
+    launch: frozenset[str] | None
+    requested: list[str] = dataclasses.field(default_factory=list)
+    first_launch_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+_SELECTION: KernelSelection | None = None
+
+
+@contextlib.contextmanager
+def kernel_selection(launch: Iterable[str] | None) -> Iterator[KernelSelection]:
+    """Launch only the generated kernels named in `launch` (None: all); the others become stand-ins that launch
+    nothing and leave their outputs as allocated. A precompile worker runs a model under this to compile its
+    share of the kernels; with `launch=()` a run lists the kernels without compiling any."""
+    global _SELECTION
+    previous, _SELECTION = _SELECTION, KernelSelection(None if launch is None else frozenset(launch))
+    try:
+        yield _SELECTION
+    finally:
+        _SELECTION = previous
+
+
+class _NotLaunched:
+    def __getitem__(self, grid):
+        return lambda *arguments, **options: None
+
+
+class _FirstLaunchTimer:
+    def __init__(self, kernel, name: str, selection: KernelSelection) -> None:
+        self.kernel, self.name, self.selection = kernel, name, selection
+
+    def __getitem__(self, grid):
+        def launch(*arguments, **options):
+            begin = time.perf_counter()
+            result = self.kernel[grid](*arguments, **options)
+            self.selection.first_launch_s.setdefault(self.name, time.perf_counter() - begin)
+            return result
+
+        return launch
+
+
+def selected_kernel(name: str, load: Callable[[], object]):
+    """The generated kernel `name` (built by `load`) as this process launches it: itself, or under
+    `kernel_selection` a stand-in that launches nothing (not selected) or times its first launch (selected)."""
+    selection = _SELECTION
+    if selection is None:
+        return load()
+    if name not in selection.requested:
+        selection.requested.append(name)
+    if selection.launch is not None and name not in selection.launch:
+        return _NotLaunched()
+    return _FirstLaunchTimer(load(), name, selection)

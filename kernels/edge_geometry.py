@@ -27,7 +27,7 @@ import torch
 from allegro_fast.geometry import harmonic_polynomials
 from allegro_fast.radial import envelope_coefficients
 
-from ._common import ensure_triton_device, nvtx_range
+from ._common import ensure_triton_device, nvtx_range, selected_kernel
 from .tensor_product import _load_generated, function_source
 
 
@@ -193,9 +193,13 @@ _KERNELS: dict[tuple, object] = {}
 
 def _kernel(l_max: int, p: int, r_max: float, backward: bool):
     key = (l_max, p, float(r_max), backward)
-    if key not in _KERNELS:
-        _KERNELS[key] = _load_generated(*_generate(l_max, p, float(r_max), backward))
-    return _KERNELS[key]
+
+    def load():
+        if key not in _KERNELS:
+            _KERNELS[key] = _load_generated(*_generate(l_max, p, float(r_max), backward))
+        return _KERNELS[key]
+
+    return selected_kernel(f"edge_geometry{' backward' if backward else ''} l_max {l_max} p {p} r_max {float(r_max)}", load)
 
 
 def _block_size(device: torch.device) -> int:

@@ -57,7 +57,7 @@ import torch
 
 from allegro_fast.tensor_product import LayerTensorProduct, irrep_offsets
 
-from ._common import ensure_triton_device, nvtx_range
+from ._common import ensure_triton_device, nvtx_range, selected_kernel
 
 # --------------------------------------------------------------------------------------------------
 # The forms (data) and the plain-torch reference of every slot
@@ -849,9 +849,12 @@ def _load_generated(name: str, source: str):
 
 
 def _slot_kernel(key: str, slot: int):
-    if (key, slot) not in _KERNELS:
-        _KERNELS[(key, slot)] = _load_generated(*_generate_slot(_FORMS[key], slot))
-    return _KERNELS[(key, slot)]
+    def load():
+        if (key, slot) not in _KERNELS:
+            _KERNELS[(key, slot)] = _load_generated(*_generate_slot(_FORMS[key], slot))
+        return _KERNELS[(key, slot)]
+
+    return selected_kernel(f"slot {slot} of form {key}", load)
 
 
 def _layer_kernel(key: str, backward: bool = False, launch: LayerLaunch | None = None):
@@ -861,16 +864,21 @@ def _layer_kernel(key: str, backward: bool = False, launch: LayerLaunch | None =
     if launch is not None and launch.tiled:  # the tiled backward's source does not depend on the launch
         tiling = "tiled" if backward else (launch.block_n, launch.block_o, launch.columns_per_pass)
     cache_key = ("layer", key, backward, tiling)
-    if cache_key not in _KERNELS:
-        layer = _LAYERS[key]
-        if tiling is None:
-            name, source = (_generate_layer_backward if backward else _generate_layer)(layer)
-        elif backward:
-            name, source = _generate_layer_backward_tiled(layer)
-        else:
-            name, source = _generate_layer_tiled(layer, launch)
-        _KERNELS[cache_key] = _load_generated(name, _generate_environment_block(layer.environment) + "\n\n" + source)
-    return _KERNELS[cache_key]
+
+    def load():
+        if cache_key not in _KERNELS:
+            layer = _LAYERS[key]
+            if tiling is None:
+                name, source = (_generate_layer_backward if backward else _generate_layer)(layer)
+            elif backward:
+                name, source = _generate_layer_backward_tiled(layer)
+            else:
+                name, source = _generate_layer_tiled(layer, launch)
+            _KERNELS[cache_key] = _load_generated(name, _generate_environment_block(layer.environment) + "\n\n" + source)
+        return _KERNELS[cache_key]
+
+    tiled = "" if tiling is None else f", tiled {'' if backward else tiling}".rstrip()
+    return selected_kernel(f"layer {key} {'backward' if backward else 'forward'}{tiled}", load)
 
 
 # --------------------------------------------------------------------------------------------------

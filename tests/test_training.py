@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 
 import ase.io
 import numpy as np
@@ -180,3 +182,14 @@ def test_compiled_training_follows_the_eager_trajectory(silver_file, tmp_path, m
     eager_weights, compiled_weights = af.load(eager.model_path).state_dict(), af.load(compiled.model_path).state_dict()
     for key, value in eager_weights.items():
         torch.testing.assert_close(compiled_weights[key], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_training_with_the_triton_backend_precompiles_its_kernels(silver_file, tmp_path, capsys):
+    config = tiny_config(silver_file, max_epochs=1, device="cuda", progress_bar=False)
+    config["model"]["backend"] = "triton"
+    result = train(config, tmp_path / "run", progress=True)
+    assert result.epochs == 1 and math.isfinite(result.best_validation_loss)
+    assert re.search(r"compiled \d+ Triton kernels in \d+ s", capsys.readouterr().out)
