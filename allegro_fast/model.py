@@ -53,8 +53,8 @@ from .torch_ops import (
 
 BACKENDS = ("torch", "triton")
 # Above this many tensor channels the Triton layer kernels (channel-tiled above 32) are very large. For sm_90
-# (ptxas, Triton 3.6, 2-core CPU): the rMD17 preset's (128 channels, l_max 3) middle-layer forward compiles in
-# about 90 s (224 B of spill per thread), its backward in about 2 minutes (float32: 624-712 B of spill; float64
+# (ptxas, Triton 3.6, 2-core CPU): the rMD17 preset's (128 channels, l_max 3) forward compiles in about 20 s per
+# layer (40-224 B of spill per thread), its backward in about 2 minutes (float32: 624-712 B of spill; float64
 # see the README). Speed is unmeasured on a GPU.
 TRITON_CHANNELS_LIMIT = 64
 

@@ -32,9 +32,11 @@ global memory. Its backward recomputes A (one slot kernel), forms T's cotangent 
 of V' (the transposed mixing, matmuls), and runs the slots; the weight gradient recomputes T.
 
 Above 32 channels (`layer_launch`) the layer kernels are channel-tiled: still one program per center atom, but
-it loops over blocks of BLOCK_C channels, recomputes that block's A in registers (`environment_block`), and
-accumulates the mixing into (BLOCK_E, BLOCK_O) chunks of the output channels, a few output irreps per pass; the
-backward loops over channel blocks outermost and forms the product's cotangent path by path.
+it loops over chunks of BLOCK_O output channels and within them over blocks of BLOCK_C input channels,
+recomputes that block's A in registers (`environment_block`) and product columns, and accumulates the mixing
+into (BLOCK_E, BLOCK_O) tiles, a few output irreps per pass; the backward loops over channel blocks outermost and
+forms the product's cotangent path by path. Both loop over output chunks at runtime, so their source does not
+depend on the channel count.
 
 Kernels are generated from the layer's `LayerTensorProduct` (the Clebsch-Gordan nonzeros become unrolled
 constant multiply-adds) and cached on disk, because Triton compiles a `@triton.jit` function from its source
@@ -642,18 +644,20 @@ def _mixing_passes(layer: FusedLayerForm, columns_per_pass: int) -> list[list[Mi
     return passes
 
 
-def _tiled_preamble(writer: _KernelWriter, chunks: int) -> None:
-    """Start of a channel-tiled kernel: its center's edges, and the output channels in `chunks` chunks of
-    BLOCK_O (the mixing's tl.dot tiles: on a GPU without tensor cores in IEEE float32, a tl.dot holds a row of
-    its left and a column of its right operand per thread, so their inner and outer sizes stay small)."""
+def _tiled_preamble(writer: _KernelWriter) -> None:
+    """Start of a channel-tiled kernel: its center's edges."""
     writer.emit(1, "center = tl.program_id(0).to(tl.int64)")
     writer.emit(1, "start = tl.load(center_ptr_ptr + center)")
     writer.emit(1, "stop = tl.load(center_ptr_ptr + center + 1)")
     writer.emit(1, "DTYPE = env_weights_ptr.dtype.element_ty")
     writer.constants_at = len(writer.lines)
-    for q in range(chunks):
-        writer.emit(1, f"outs_{q} = {q} * BLOCK_O + tl.arange(0, BLOCK_O)")
-        writer.emit(1, f"out_mask_{q} = outs_{q} < num_channels")
+
+
+def _output_chunk(writer: _KernelWriter, indent: int, stop: str = "num_channels") -> None:
+    """A runtime loop over chunks of BLOCK_O output channels (`outs`): generated code does not grow with n."""
+    writer.emit(indent, f"for out_start in range(0, {stop}, BLOCK_O):")
+    writer.emit(indent + 1, "outs = out_start + tl.arange(0, BLOCK_O)")
+    writer.emit(indent + 1, "out_mask = outs < num_channels")
 
 
 def _channel_block(writer: _KernelWriter, indent: int) -> None:
@@ -662,76 +666,72 @@ def _channel_block(writer: _KernelWriter, indent: int) -> None:
     writer.emit(indent, "channel_cols = channels[None, :]")
 
 
-def _tiled_weight_tile(index: int, q: int | None) -> str:
-    """Rows `channels` and the columns of output chunk q (None: the chunk `outs` of a runtime loop) of mixing
-    matrix `index`: (BLOCK_C, BLOCK_O)."""
-    chunk = "" if q is None else f"_{q}"
+def _tiled_weight_tile(index: int) -> str:
+    """Rows `channels` and columns `outs` (the output chunk) of mixing matrix `index`: (BLOCK_C, BLOCK_O)."""
     return (f"tl.load(weights_ptr + {index} * num_channels * num_channels + channels[:, None] * num_channels + "
-            f"outs{chunk}[None, :], mask=channel_mask[:, None] & out_mask{chunk}[None, :], other=0.0)")
+            f"outs[None, :], mask=channel_mask[:, None] & out_mask[None, :], other=0.0)")
 
 
-def _out_tile(name: str, column: int, q: int | None) -> str:
-    """Address and mask of the (BLOCK_E, BLOCK_O) tile of output chunk q (None: `outs`) of column `column` of
-    `name`."""
-    chunk = "" if q is None else f"_{q}"
-    return (f"{name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + outs{chunk}[None, :], "
-            f"mask=edge_mask[:, None] & out_mask{chunk}[None, :]")
+def _out_tile(name: str, column: int) -> str:
+    """Address and mask of the (BLOCK_E, BLOCK_O) tile of output chunk `outs` of column `column` of `name`."""
+    return (f"{name}_ptr + edge_rows * {name}_stride_row + {column} * {name}_stride_column + outs[None, :], "
+            f"mask=edge_mask[:, None] & out_mask[None, :]")
 
 
 _TILED_ARGUMENTS = ("BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr", "BLOCK_O: tl.constexpr")
 
 
-def _generate_layer_tiled(layer: FusedLayerForm, launch: LayerLaunch) -> tuple[str, str]:
-    """Source of the fused layer for many channels: one program per center, per block of its edges and per pass
-    (a few output irreps), a loop over blocks of BLOCK_C input channels that sums that block's environment in
+def _generate_layer_tiled(layer: FusedLayerForm, columns_per_pass: int) -> tuple[str, str]:
+    """Source of the fused layer for many channels: one program per center, per block of its edges, per pass (a
+    few output irreps) and per chunk of BLOCK_O output channels (a runtime loop: the source does not depend on
+    the channel count), a loop over blocks of BLOCK_C input channels that sums that block's environment in
     registers (recomputed: never stored), evaluates the product columns of the pass for those channels, stores
-    the scalar columns (first pass) and accumulates the mixing into (BLOCK_E, BLOCK_O) tiles of every output
-    channel. Nothing but the scalars and the mixed features is written."""
+    the scalar columns (first pass, first chunk) and accumulates the mixing into (BLOCK_E, BLOCK_O) tiles of the
+    chunk's output channels. Nothing but the scalars and the mixed features is written."""
     name = "fused_layer_tiled_kernel"
     writer = _KernelWriter()
     arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
                            _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
                            "center_ptr_ptr", "num_channels", *_TILED_ARGUMENTS])
-    chunks = launch.output_chunks
-    _tiled_preamble(writer, chunks)
+    _tiled_preamble(writer)
     product = layer.product
     product_names = {s: product.operands[s].name for s in range(3)}
     first, last = layer.scalar_columns
     _edge_block_header(writer, 1)
-    for index, groups in enumerate(_mixing_passes(layer, launch.columns_per_pass)):
+    for index, groups in enumerate(_mixing_passes(layer, columns_per_pass)):
         outputs = [group.output_start + m for group in groups for m in range(group.dim)]
+        _output_chunk(writer, 2, "num_channels" if outputs else "1")  # without mixing (last layer): one sweep
         for output in outputs:
-            for q in range(chunks):
-                writer.emit(2, f"mixed_{output}_{q} = tl.zeros((BLOCK_E, BLOCK_O), dtype=DTYPE)")
-        writer.emit(2, "for channel_start in range(0, num_channels, BLOCK_C):")
-        _channel_block(writer, 3)
-        writer.emit(3, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
+            writer.emit(3, f"mixed_{output} = tl.zeros((BLOCK_E, BLOCK_O), dtype=DTYPE)")
+        writer.emit(3, "for channel_start in range(0, num_channels, BLOCK_C):")
+        _channel_block(writer, 4)
+        writer.emit(4, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
         writer.values.clear()
-        in_registers = _environment_rows(writer, 3, layer)
+        in_registers = _environment_rows(writer, 4, layer)
         computed: set[int] = set()
 
         def product_column(column: int) -> str:
             if column not in computed:
-                expression = writer.terms(3, product, 2, column, product_names, in_registers)
-                writer.emit(3, f"t_{column} = {expression or 'tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)'}")
+                expression = writer.terms(4, product, 2, column, product_names, in_registers)
+                writer.emit(4, f"t_{column} = {expression or 'tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)'}")
                 computed.add(column)
             return f"t_{column}"
 
-        if index == 0:
-            for column in range(first, last):
-                _store_edge_tile(writer, 3, "scalars", column - first, product_column(column))
+        if index == 0 and last > first:  # the scalars (which the mixing of 0e reads too) stored in the first chunk
+            values = [product_column(column) for column in range(first, last)]
+            writer.emit(4, "if out_start == 0:")
+            for column, value in zip(range(first, last), values):
+                _store_edge_tile(writer, 5, "scalars", column - first, value)
         for group in groups:
             for j in range(group.num_paths):
                 columns = [product_column(group.product_start + m * group.num_paths + j) for m in range(group.dim)]
-                for q in range(chunks):
-                    writer.emit(3, f"w = {_tiled_weight_tile(group.weight_start + j, q)}")
-                    for m, column in enumerate(columns):
-                        output = group.output_start + m
-                        writer.emit(3, f"mixed_{output}_{q} = mix(mixed_{output}_{q}, {column}, w, DOT)")
+                writer.emit(4, f"w = {_tiled_weight_tile(group.weight_start + j)}")
+                for m, column in enumerate(columns):
+                    output = group.output_start + m
+                    writer.emit(4, f"mixed_{output} = mix(mixed_{output}, {column}, w, DOT)")
         for output in outputs:
-            for q in range(chunks):
-                writer.emit(2, f"tl.store({_out_tile('mixed', output, q)}, value=mixed_{output}_{q})")
+            writer.emit(3, f"tl.store({_out_tile('mixed', output)}, value=mixed_{output})")
     return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
 
 
@@ -747,7 +747,7 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
     writer = _KernelWriter()
     arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            *_TILED_ARGUMENTS])
-    _tiled_preamble(writer, 0)
+    _tiled_preamble(writer)
     environment, product = layer.environment, layer.product
     env_names = {s: environment.operands[s].name for s in range(3)}
     product_names = {s: product.operands[s].name for s in range(3)}
@@ -779,12 +779,10 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
             else:
                 writer.emit(3, f"gt_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
         if group is not None:  # a runtime loop over the output chunks: the code does not grow with n
-            writer.emit(3, "for out_start in range(0, num_channels, BLOCK_O):")
-            writer.emit(4, "outs = out_start + tl.arange(0, BLOCK_O)")
-            writer.emit(4, "out_mask = outs < num_channels")
-            writer.emit(4, f"w = {_tiled_weight_tile(group.weight_start + j, None)}")
+            _output_chunk(writer, 3)
+            writer.emit(4, f"w = {_tiled_weight_tile(group.weight_start + j)}")
             for m, column in enumerate(columns):  # V^L's cotangent reloaded per path (L1/L2): few live tiles
-                writer.emit(4, f"gv = tl.load({_out_tile('grad_mixed', group.output_start + m, None)}, other=0.0)")
+                writer.emit(4, f"gv = tl.load({_out_tile('grad_mixed', group.output_start + m)}, other=0.0)")
                 writer.emit(4, f"gt_{column} = mix_transposed(gt_{column}, gv, w)")
         cotangent = {2: {column: f"gt_{column}" for column in columns}}
         only = (2, set(columns))
@@ -859,10 +857,10 @@ def _slot_kernel(key: str, slot: int):
 
 def _layer_kernel(key: str, backward: bool = False, launch: LayerLaunch | None = None):
     """The forward or backward kernel of a registered layer: the one-block kernel, or for a tiled `launch` the
-    channel-tiled one (specialised to its output chunks and mixing passes)."""
+    channel-tiled one (the forward specialised to its mixing passes)."""
     tiling = None
-    if launch is not None and launch.tiled:  # the tiled backward's source does not depend on the launch
-        tiling = "tiled" if backward else (launch.block_n, launch.block_o, launch.columns_per_pass)
+    if launch is not None and launch.tiled:  # the tiled sources depend on the launch only through the passes
+        tiling = "tiled" if backward else launch.columns_per_pass
     cache_key = ("layer", key, backward, tiling)
 
     def load():
@@ -873,11 +871,11 @@ def _layer_kernel(key: str, backward: bool = False, launch: LayerLaunch | None =
             elif backward:
                 name, source = _generate_layer_backward_tiled(layer)
             else:
-                name, source = _generate_layer_tiled(layer, launch)
+                name, source = _generate_layer_tiled(layer, launch.columns_per_pass)
             _KERNELS[cache_key] = _load_generated(name, _generate_environment_block(layer.environment) + "\n\n" + source)
         return _KERNELS[cache_key]
 
-    tiled = "" if tiling is None else f", tiled {'' if backward else tiling}".rstrip()
+    tiled = "" if tiling is None else ", tiled" if backward else f", tiled, {tiling} columns per pass"
     return selected_kernel(f"layer {key} {'backward' if backward else 'forward'}{tiled}", load)
 
 
@@ -958,7 +956,11 @@ def _num_warps(block_e: int, block_c: int) -> int:
 
 
 TILE_CHANNELS_ABOVE = 32  # the one-block layer kernels up to this many channels, the channel-tiled ones above
-ACCUMULATOR_ELEMENTS = 1024  # output columns per pass x BLOCK_N: the tiled forward's mixing accumulators
+# Output columns per pass x BLOCK_O: the tiled forward's mixing accumulators. sm_90, Triton 3.6, the rMD17 preset's
+# first layer (31 output columns): 1024 (one pass) spilled 520 B per thread in float32, 512 (three passes) 40 B.
+# More passes cost little: each product column is still computed and mixed once per chunk; only A and V's loads
+# repeat per pass.
+ACCUMULATOR_ELEMENTS = 512
 TILED_BLOCK_C, TILED_BLOCK_O, TILED_WARPS = 16, 32, 8  # see `layer_launch`
 
 
@@ -966,7 +968,7 @@ TILED_BLOCK_C, TILED_BLOCK_O, TILED_WARPS = 16, 32, 8  # see `layer_launch`
 class LayerLaunch:
     """How a fused layer's kernels are launched for n channels: BLOCK_E edges per step; BLOCK_C channels per
     program step (all, BLOCK_C = BLOCK_N, in the one-block kernels); with `columns_per_pass` set, the
-    channel-tiled kernels, whose forward mixes that many output columns of all BLOCK_N channels per pass."""
+    channel-tiled kernels, whose forward mixes that many output columns of BLOCK_O channels per pass and chunk."""
 
     block_e: int
     block_c: int
@@ -978,10 +980,6 @@ class LayerLaunch:
     @property
     def tiled(self) -> bool:
         return self.columns_per_pass is not None
-
-    @property
-    def output_chunks(self) -> int:
-        return self.block_n // self.block_o
 
     def constants(self, dtype: torch.dtype) -> dict:
         if not self.tiled:
@@ -1003,8 +1001,9 @@ def layer_launch(channels: int, dtype: torch.dtype, device_type: str) -> LayerLa
     block_e = 32 if device_type == "cpu" else 16  # the interpreter: few large programs are fastest
     if channels <= TILE_CHANNELS_ABOVE:
         return LayerLaunch(block_e, block_n, block_n, None, _num_warps(block_e, block_n))
-    return LayerLaunch(block_e, min(block_n, TILED_BLOCK_C), block_n, max(1, ACCUMULATOR_ELEMENTS // block_n),
-                       TILED_WARPS, min(block_n, TILED_BLOCK_O))
+    block_o = min(block_n, TILED_BLOCK_O)
+    return LayerLaunch(block_e, min(block_n, TILED_BLOCK_C), block_n, max(1, ACCUMULATOR_ELEMENTS // block_o),
+                       TILED_WARPS, block_o)
 
 
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,

@@ -183,7 +183,7 @@ def check_fused_layer_backward(device, l_max, parity, channels, layer, dtype):
 
 TILED_CASES = [  # (l_max, parity, channels, layer of 3, dtype, accumulator budget): the channel-tiled kernels
     (2, True, 33, 1, torch.float32, 1024),   # three blocks of 16 channels, two output chunks of 32, one pass
-    (2, True, 33, 0, torch.float64, 64),     # one output column per pass (five passes)
+    (2, True, 33, 0, torch.float64, 64),     # at most two output columns per pass: a pass per output irrep
     # one block, fewer channels than it holds; l_max 3's middle-layer backward is the rMD17 preset's source (it
     # does not depend on n): minutes of ptxas on a GPU machine (float64: ~5 minutes on 2 cores)
     pytest.param(3, True, 5, 1, torch.float64, 1024, marks=pytest.mark.compile_heavy),
@@ -220,24 +220,29 @@ def test_tiled_fused_layer_matches_reference(tiled_layers, device, l_max, parity
 
 def test_layer_launch_tiles_wide_layers():
     """Up to 32 channels one program holds them all; above, the kernels loop over blocks of 16 channels, mix
-    into chunks of 32 output channels and at most ACCUMULATOR_ELEMENTS / BLOCK_N output columns per pass."""
+    into chunks of 32 output channels and at most ACCUMULATOR_ELEMENTS / BLOCK_O output columns per pass."""
     from allegro_fast.kernels import tensor_product as kernels
 
     assert not kernels.layer_launch(32, torch.float32, "cuda").tiled
     assert kernels.layer_launch(5, torch.float32, "cuda").block_c == 16
     wide = kernels.layer_launch(128, torch.float32, "cuda")
-    assert (wide.block_c, wide.block_o, wide.block_n, wide.columns_per_pass) == (16, 32, 128, 8)
+    assert (wide.block_c, wide.block_o, wide.block_n, wide.columns_per_pass) == (16, 32, 128, 16)
     assert wide.constants(torch.float32)["DOT"] is False
-    passes = kernels._mixing_passes(layer_form(3, True, 128, 0), wide.columns_per_pass)
-    assert len(passes) > 1 and all(sum(group.dim for group in groups) <= 8 for groups in passes)
+    assert kernels.layer_launch(40, torch.float64, "cuda").columns_per_pass == 16  # the same for every n > 32
+    first = layer_form(3, True, 128, 0)  # the rMD17 preset's first layer: 31 output columns, 1-7 per irrep
+    passes = kernels._mixing_passes(first, wide.columns_per_pass)
+    assert len(passes) == 3 and all(sum(group.dim for group in groups) <= 16 for groups in passes)
+    assert [group for groups in passes for group in groups] == list(first.mixing)
+    assert len(kernels._mixing_passes(layer_form(3, True, 128, 1), wide.columns_per_pass)) == 1  # 16 columns
 
 
 
-def test_generated_backward_stays_small_for_wide_layers():
+def test_generated_tiled_kernels_stay_small_for_wide_layers():
     """What made the rMD17 preset's backward (l_max 3, 128 channels) compile for sm_90 (ptxas: from 660k lines
     of PTX that did not finish in 20 minutes to about 2 minutes, and from 2.7 KB to 0.6-0.7 KB of spill): the
     transposed mixing loops over output chunks at runtime (one loop per path), so the source does not depend on
-    the channel count;
+    the channel count; the forward loops over output chunks at runtime as well (one loop per pass), mixing each
+    product column once per chunk;
     and no term multiplies a coefficient by A first (a product the same for every edge block, which the compiler
     hoists out of the edge loop and keeps live)."""
     import re
@@ -249,6 +254,13 @@ def test_generated_backward_stays_small_for_wide_layers():
     assert "outs_0" not in source and source.count("for out_start in range(0, num_channels, BLOCK_O):") == sum(
         group.num_paths for group in layer.mixing)
     assert source.count("mix_transposed(") == sum(group.num_paths * group.dim for group in layer.mixing)
+    columns_per_pass = kernels.layer_launch(128, torch.float32, "cuda").columns_per_pass
+    assert kernels.layer_launch(33, torch.float32, "cuda").columns_per_pass == columns_per_pass
+    _, forward = kernels._generate_layer_tiled(layer, columns_per_pass)
+    passes = kernels._mixing_passes(layer, columns_per_pass)
+    assert forward.count("for out_start in range(0, num_channels, BLOCK_O):") == len(passes)
+    assert forward.count(" = mix(") == sum(group.num_paths * group.dim for group in layer.mixing)
+    assert forward.count("if out_start == 0:") == 1
     for name, generated in (("tiled", source), ("one-block", kernels._generate_layer_backward(layer)[1])):
         hoistable = re.findall(r"\bg\d+ \* env_row_\d+", generated)
         assert not hoistable, (name, hoistable[:3])
