@@ -204,7 +204,8 @@ def run_md(
     model: an Allegro model (any backend, the reference, or ``allegro_fast.load(path)``'s result) or the
     path of a saved model. skin (Å), device and compile go to the AllegroCalculator. progress shows a tqdm bar with
     the current temperature and conserved energy. initial_temperature_K (default: temperature_K) is the
-    temperature of the initial Maxwell–Boltzmann velocities.
+    temperature of the initial Maxwell–Boltzmann velocities. With the triton backend on CUDA the kernels are
+    first compiled in parallel processes (`kernels.precompile`).
     """
     _check_arguments(ensemble, temperature_K, timestep_fs, steps, friction_per_fs, thermostat_time_fs, log_interval)
     if isinstance(model, (str, os.PathLike)):
@@ -217,6 +218,10 @@ def run_md(
     if num_atoms == 0:
         raise ValueError("run_md: the structure has no atoms")
     calculator = AllegroCalculator(model, device=device, skin=skin, compile=compile)
+    if getattr(calculator.model, "backend", None) == "triton" and calculator.device.type == "cuda":
+        from .kernels.precompile import precompile  # in parallel processes, not one by one in the first step
+
+        precompile(calculator.model)
     atoms.calc = calculator
 
     rng = np.random.default_rng(seed)
