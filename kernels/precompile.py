@@ -93,6 +93,9 @@ def _check_model(model) -> tuple[torch.dtype, torch.device]:
     return model.dtype, device
 
 
+_PRECOMPILED: set[tuple[str, str]] = set()  # (device, kernel) compiled by precompile's workers in this process
+
+
 def worker_groups(names: list[str], processes: int) -> list[list[str]]:
     """The kernels of each worker: a layer kernel alone (the channel-tiled ones take minutes), the backward
     before the forward (the larger); the small slot and edge-geometry kernels shared by the remaining
@@ -107,12 +110,14 @@ def precompile(model, training: bool = False, processes: int | None = None, time
     """Compile every generated kernel `model` launches (inference; with `training` also the force-training
     step's) into Triton's disk cache, in worker processes (`worker_groups`), at most `processes` (default: the
     CPU cores, at most 16) at once. Returns {"kernels": {name: seconds of its first launch}, "errors":
-    {name: message}, "seconds": wall time, ...}; a kernel already in the cache takes well under a second.
+    {name: message}, "seconds": wall time, ...}; a kernel already in the cache takes well under a second, and
+    one that an earlier call in this process compiled is left out.
     Under the Triton interpreter (CPU tensors) nothing is compiled: the workers run, which is what the tests
     check."""
     dtype, device = _check_model(model)
     begin = time.perf_counter()
-    names = kernel_names(model.config, dtype, device, training)
+    names = [name for name in kernel_names(model.config, dtype, device, training)
+             if (str(device), name) not in _PRECOMPILED]  # a second model of the same sizes costs no workers
     processes = max(1, processes or min(os.cpu_count() or 1, 16))
     groups = worker_groups(names, processes)
     spec = {"config": model.config.to_dict(), "dtype": str(dtype).removeprefix("torch."), "device": str(device),
@@ -129,6 +134,7 @@ def precompile(model, training: bool = False, processes: int | None = None, time
         with concurrent.futures.ThreadPoolExecutor(max(1, report["processes"])) as pool:
             for group, (timings, error) in zip(groups, pool.map(compile_group, range(len(groups)))):
                 report["kernels"].update(timings)
+                _PRECOMPILED.update((str(device), name) for name in timings)
                 report["errors"].update({name: error for name in group if name not in timings and error})
     report["seconds"] = time.perf_counter() - begin
     return report

@@ -126,6 +126,7 @@ def test_workers_take_each_kernel_once_the_layer_kernels_alone():
 @pytest.mark.interpreter
 def test_precompile_runs_every_kernel_in_a_worker_and_reports_failures():
     from allegro_fast.kernels._common import interpreter_enabled
+    from allegro_fast.kernels import precompile as precompile_module
     from allegro_fast.kernels.precompile import kernel_names, precompile
 
     if not interpreter_enabled():
@@ -136,6 +137,9 @@ def test_precompile_runs_every_kernel_in_a_worker_and_reports_failures():
     assert report["errors"] == {}
     assert sorted(report["kernels"]) == sorted(kernel_names(config, torch.float64, torch.device("cpu"), True))
     assert all(seconds >= 0 for seconds in report["kernels"].values())
+    again = precompile(af.Allegro(config, backend="triton").double(), training=True)  # same sizes: all done
+    assert again["kernels"] == {} and again["errors"] == {} and again["workers"] == 0
+    precompile_module._PRECOMPILED.clear()
 
     failed = precompile(model, processes=2, timeout=0.01)  # no worker starts Python that fast
     assert failed["kernels"] == {} and failed["errors"]
