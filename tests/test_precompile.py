@@ -9,6 +9,7 @@ check the bookkeeping and the arguments); on a CUDA machine the same tests run o
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -124,16 +125,19 @@ def test_workers_take_each_kernel_once_the_layer_kernels_alone():
 
 
 @pytest.mark.interpreter
-def test_precompile_runs_every_kernel_in_a_worker_and_reports_failures():
-    from allegro_fast.kernels._common import interpreter_enabled
+def test_precompile_runs_every_kernel_in_a_worker_and_reports_failures(tmp_path):
     from allegro_fast.kernels import precompile as precompile_module
+    from allegro_fast.kernels._common import interpreter_enabled
     from allegro_fast.kernels.precompile import kernel_names, precompile
 
     if not interpreter_enabled():
         pytest.skip("runs the workers on CPU tensors: needs TRITON_INTERPRET=1")
     config = small_config(l_max=1, num_tensor_features=3, num_layers=2)
     model = af.Allegro(config, backend="triton").double()
-    report = precompile(model, training=True, processes=2)
+    af.save(model, tmp_path / "model.pt")
+    assert precompile_module.main(["--model", str(tmp_path / "model.pt"), "--device", "cpu", "--dtype", "float64",
+                                   "--training", "--processes", "2", "--output", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["errors"] == {}
     assert sorted(report["kernels"]) == sorted(kernel_names(config, torch.float64, torch.device("cpu"), True))
     assert all(seconds >= 0 for seconds in report["kernels"].values())
