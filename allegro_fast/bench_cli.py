@@ -334,13 +334,13 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
 
 
 def worker_main(spec_path: str) -> None:
-    """Run every job of one of our providers; print a JSON list of rows as the last stdout line."""
+    """Run every job of one of our providers; print each job's row as it finishes, one JSON line
+    {"job_row": row} (a worker stopped by the timeout keeps the rows of the jobs it finished)."""
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
     settings = spec["settings"]
     torch.set_num_threads(settings["threads"])
-    rows = []
     for job in spec["jobs"]:
         row = {"provider": spec["provider"], **{k: job[k] for k in ("case", "model", "task", "dtype")}}
         load_start = os.getloadavg()[0]
@@ -352,8 +352,7 @@ def worker_main(spec_path: str) -> None:
                 torch.cuda.empty_cache()
         row["loadavg_1min"] = [load_start, os.getloadavg()[0]]
         row["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rows.append(row)
-    print(json.dumps(rows))
+        print(json.dumps({"job_row": row}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,18 +396,23 @@ def find_nequip_python(explicit: str | None) -> str | None:
     return None
 
 
-def run_subprocess(command: list[str], timeout: float, env: dict[str, str] | None = None) -> list[dict] | dict:
+def run_subprocess(command: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[list[dict], str | None]:
+    """Run a worker: (the rows it printed, one JSON line {"job_row": row} per finished job, in job order; None, or
+    why it stopped: the timeout, or the last line of its stderr)."""
+    error = None
     try:
         result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                                 env=None if env is None else {**os.environ, **env})
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = result.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = result.stderr.strip().splitlines()
-        return {"error": (tail[-1] if tail else f"exit {result.returncode}")[:500]}
+        stdout = result.stdout
+        if result.returncode != 0:
+            tail = result.stderr.strip().splitlines()
+            error = (tail[-1] if tail else f"exit {result.returncode}")[:500]
+    except subprocess.TimeoutExpired as expired:  # what it printed before it was killed still counts
+        stdout = expired.stdout or ""
+        stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
+        error = f"timed out after {timeout:.0f} s"
+    rows = [json.loads(line)["job_row"] for line in stdout.splitlines() if line.startswith('{"job_row": ')]
+    return rows, error
 
 
 def pool_rows(provider: str, job: dict, round_rows: list[dict]) -> dict:
@@ -664,9 +668,9 @@ def main(argv: list[str] | None = None) -> int:
                     command = [sys.executable, "-m", "allegro_fast.bench_cli", "--_worker", str(spec_path)]
                 print(f"[round {round_index + 1}/{args.rounds}] {provider}: "
                       f"{', '.join(j['case'] + '/' + j['model'] + '/' + j['task'] for j in batch)}", flush=True)
-                out = run_subprocess(command, args.timeout, provider_env)
-                out_rows = out if isinstance(out, list) else [dict(out) for _ in batch]
-                for job, row in zip(batch, out_rows):
+                rows, error = run_subprocess(command, args.timeout, provider_env)
+                for index, job in enumerate(batch):
+                    row = rows[index] if index < len(rows) else {"error": error or "its worker printed no row"}
                     results.setdefault((provider, id(job)), []).append(row)
                 write_json_atomic(output, assemble(complete=False))  # a killed run still leaves its rows
 
@@ -676,9 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speedup {key}: {value:.2f}x")
     if cuda and not args.no_roofline and (REPO / "bench" / "roofline.py").exists():
         roofline_path = workdir / "roofline.json"
-        out = run_subprocess([sys.executable, str(REPO / "bench" / "roofline.py"), "--device", "cuda",
-                              "--output", str(roofline_path)], args.timeout)
-        result["roofline"] = json.loads(roofline_path.read_text()) if roofline_path.exists() else out
+        _, error = run_subprocess([sys.executable, str(REPO / "bench" / "roofline.py"), "--device", "cuda",
+                                   "--output", str(roofline_path)], args.timeout)
+        result["roofline"] = json.loads(roofline_path.read_text()) if roofline_path.exists() else {"error": error}
     write_json_atomic(output, result)
     print(f"wrote {output}")
     if args.plot and (REPO / "bench" / "plot.py").exists():

@@ -14,8 +14,8 @@ runs the jobs of allegro_fast's bench runner (`allegro-fast bench`, allegro_fast
 process: the spec names the provider (nequip, nequip-triton = its Triton tensor-product kernel via the
 enable_TritonContracter modifier, nequip-cueq = enable_CuEquivarianceContracter), the jobs (structures
 as an extxyz file, model preset default / speed / rmd17, task, dtype) and the settings (device, warm-up,
-repeats, threads, seed); it prints one JSON list of rows with the same timing and memory conventions as
-bench_cli (CUDA events on CUDA).
+repeats, threads, seed); it prints each job's row as one JSON line {"job_row": row} when the job finishes, with
+the same timing and memory conventions as bench_cli (CUDA events on CUDA).
 
 Model: the authors' default sizes, matching allegro_fast's "default" preset: r_max 5.0, l_max 2,
 parity on, 2 layers, 64 scalar / 16 tensor features, 8 Bessels (not trainable), polynomial p = 6,
@@ -461,7 +461,8 @@ def run_one_job(provider, job, settings):
 
 
 def run_jobs(spec_path) -> int:
-    """Run the jobs of one spec file ({"provider", "jobs": [...], "settings": {...}}); print a JSON list."""
+    """Run the jobs of one spec file ({"provider", "jobs": [...], "settings": {...}}); print each job's row as it
+    finishes, one JSON line {"job_row": row}."""
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
@@ -473,7 +474,6 @@ def run_jobs(spec_path) -> int:
 
     set_global_state()  # float64 default dtype etc. (process-wide: why this runs in its own process)
     torch.set_num_threads(settings["threads"])
-    rows = []
     for job in spec["jobs"]:
         row = {"provider": spec["provider"], **{k: job[k] for k in ("case", "model", "task", "dtype")}}
         load_start = os.getloadavg()[0]
@@ -493,8 +493,7 @@ def run_jobs(spec_path) -> int:
         row["loadavg_1min"] = [load_start, os.getloadavg()[0]]
         row["ru_maxrss_mib"] = ru_maxrss_mib()
         row["versions"] = {"nequip": nequip.__version__, "allegro": allegro.__version__, "torch": torch.__version__}
-        rows.append(row)
-    print(json.dumps(rows))
+        print(json.dumps({"job_row": row}), flush=True)
     return 0
 
 

@@ -39,6 +39,18 @@ def test_runner_writes_valid_json(tmp_path):
     assert rows["triton"]["skipped"]  # never timed on a CPU, with the reason
 
 
+def test_a_worker_stopped_by_the_timeout_keeps_the_rows_of_its_finished_jobs():
+    """On CUDA one worker runs all jobs of a provider: a timeout in its last job must not lose the others."""
+    worker = ("import json, time\n"
+              "print(json.dumps({'job_row': {'case': 'ag256', 'times_ms': [1.0]}}), flush=True)\n"
+              "print('some log line', flush=True)\n"
+              "time.sleep(60)\n")
+    rows, error = bench_cli.run_subprocess([sys.executable, "-c", worker], timeout=3)
+    assert rows == [{"case": "ag256", "times_ms": [1.0]}] and error == "timed out after 3 s"
+    rows, error = bench_cli.run_subprocess([sys.executable, "-c", "import sys; sys.exit('no GPU here')"], timeout=30)
+    assert rows == [] and error == "no GPU here"
+
+
 def test_kernel_profiles_collect():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "bench/kernels",
