@@ -61,8 +61,8 @@ def run_example(config, dtype: torch.dtype, device: torch.device, training: bool
     the backward of an energy + force loss through them (the double backward's kernels)."""
     from allegro_fast.model import Allegro
 
-    torch.manual_seed(0)
-    with warnings.catch_warnings():  # the caller's model has given its warnings already
+    # the caller's random stream stays as it was (its values do not matter here); its model gave the warnings
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Allegro(config, backend="triton")
     model = model.to(device=device, dtype=dtype)
