@@ -115,6 +115,26 @@ def test_every_slot_matches_reference(device, l_max, parity):
             assert relative_error(got, expected) < 1e-13, (form.operands[slot].name, slot)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_slots_with_several_channel_blocks_match_reference(device, monkeypatch):
+    """The GPU launch of the slot kernels: at most SLOT_BLOCK_C channels per program, so 37 channels take three
+    blocks, the last one partly masked (the interpreter otherwise runs all channels in one program)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    monkeypatch.setattr(kernels, "_block_sizes", lambda channels, device: (16, kernels.SLOT_BLOCK_C))
+    channels = 37
+    center_ptr, center = random_csr(NEIGHBOURS, device)
+    generator = torch.Generator().manual_seed(37)
+    for form in forms(1, True, channels):
+        key = kernels.register_form(form)
+        x = operands(form, center_ptr, channels, torch.float64, device, generator)
+        for slot in range(3):
+            first, second = (x[s] for s in range(3) if s != slot)
+            got = kernels.trilinear_slot(key, slot, first, second, center_ptr)
+            expected = kernels.trilinear_ref(form, slot, first, second, center, center_ptr.numel() - 1)
+            assert relative_error(got, expected) < 1e-13, (form.operands[slot].name, slot)
+
+
 LAYER_CASES = [  # (l_max, parity, channels, layer of 3, dtype): first, middle and last layers; channel counts
     (2, True, 5, 1, torch.float64),       # below, at and above the 16-wide tiles of the mixing
     (2, True, 5, 1, torch.float32),

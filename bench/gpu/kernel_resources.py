@@ -77,7 +77,7 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
                    launch.constants(getattr(torch, dtype)), launch.num_warps)
         if slots:
             layer = kernels._LAYERS[key]
-            slot_e, slot_c = 16, min(1 << (channels - 1).bit_length(), 32)
+            slot_e, slot_c = kernels._block_sizes(channels, torch.device("cuda"))
             for form_name, form in (("environment", layer.environment), ("product", layer.product)):
                 for slot in range(3):
                     yield (f"layer{index}.{form_name}.slot{slot}", kernels._slot_kernel(form.key, slot),
