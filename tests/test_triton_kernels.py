@@ -96,14 +96,12 @@ def layer_inputs(layer, center_ptr, channels, dtype, device, generator):
 NEIGHBOURS = [0, 3, 1, 5, 0, 2, 6]  # odd sizes, isolated centers and centers with one neighbour
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("l_max,parity", [(1, True), (2, True), (2, False), (3, True)])
-def test_every_slot_matches_reference(device, l_max, parity):
+def check_every_slot(device, l_max, parity, channels, seed):
+    """Every slot of both forms against its plain-torch reference, float64, to 1e-13."""
     from allegro_fast.kernels import tensor_product as kernels
 
-    channels = 3
     center_ptr, center = random_csr(NEIGHBOURS, device)
-    generator = torch.Generator().manual_seed(l_max)
+    generator = torch.Generator().manual_seed(seed)
     for form in forms(l_max, parity, channels):
         key = kernels.register_form(form)
         x = operands(form, center_ptr, channels, torch.float64, device, generator)
@@ -116,23 +114,19 @@ def test_every_slot_matches_reference(device, l_max, parity):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("l_max,parity", [(1, True), (2, True), (2, False), (3, True)])
+def test_every_slot_matches_reference(device, l_max, parity):
+    check_every_slot(device, l_max, parity, channels=3, seed=l_max)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_slots_with_several_channel_blocks_match_reference(device, monkeypatch):
     """The GPU launch of the slot kernels: at most SLOT_BLOCK_C channels per program, so 37 channels take three
     blocks, the last one partly masked (the interpreter otherwise runs all channels in one program)."""
     from allegro_fast.kernels import tensor_product as kernels
 
     monkeypatch.setattr(kernels, "_block_sizes", lambda channels, device: (16, kernels.SLOT_BLOCK_C))
-    channels = 37
-    center_ptr, center = random_csr(NEIGHBOURS, device)
-    generator = torch.Generator().manual_seed(37)
-    for form in forms(1, True, channels):
-        key = kernels.register_form(form)
-        x = operands(form, center_ptr, channels, torch.float64, device, generator)
-        for slot in range(3):
-            first, second = (x[s] for s in range(3) if s != slot)
-            got = kernels.trilinear_slot(key, slot, first, second, center_ptr)
-            expected = kernels.trilinear_ref(form, slot, first, second, center, center_ptr.numel() - 1)
-            assert relative_error(got, expected) < 1e-13, (form.operands[slot].name, slot)
+    check_every_slot(device, 1, True, channels=37, seed=37)
 
 
 LAYER_CASES = [  # (l_max, parity, channels, layer of 3, dtype): first, middle and last layers; channel counts
