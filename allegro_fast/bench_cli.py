@@ -18,13 +18,15 @@ forces), Adam step. Targets are the labels where the case has them, else fixed r
 Providers: "torch" and "triton" (allegro_fast.Allegro backends; on CUDA the triton backend's kernels are first
 compiled in parallel processes by `kernels.precompile`, reported as precompile_s), "torch-compiled" (the torch backend
 compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e. `training.compile: true`,
-for training; compilation happens in the untimed first call, reported as first_call_ms), "reference" (ReferenceAllegro),
+for training; compilation happens in the untimed first call, reported as first_call_ms), "triton-compiled" (the same
+for the triton backend: inductor fuses the MLPs, the Triton ops stay as they are), "reference" (ReferenceAllegro),
 "nequip" (nequip-allegro 0.8.3 eager), "nequip-compiled" (training with its compile_mode="compile":
 make_fx + torch.compile, compiled in the untimed first call), "nequip-aoti" (inference through its deployment
 path, `nequip-compile --mode aotinductor`, exported in the job: compile_s), and on CUDA "nequip-triton" (its Triton
 tensor-product kernel, inference only), "nequip-triton-aoti" (both: its fastest inference path; not in the default
 provider list, it compiles for minutes per job) and "nequip-cueq" (its cuEquivariance path, where
-cuequivariance_torch is installed).
+cuequivariance_torch is installed). Inference rows of the triton providers carry force_error_vs_torch, the largest
+force difference from the torch backend with the same weights on the same structures, over the largest force.
 nequip runs through bench/nequip_runner.py with its own interpreter (--nequip-python, default
 $NEQUIP_PYTHON, /work/venv-nequip/bin/python, or this interpreter if it can import nequip): it changes
 process-wide torch defaults, so it never shares a process with us. Unavailable providers are rows with
@@ -78,7 +80,7 @@ CASES = {
     "aspirin": "rMD17 aspirin, a batch of --batch-size frames of 21 atoms",
 }
 MODELS = ("default", "speed", "rmd17")
-OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "reference")
+OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "triton-compiled", "reference")
 NEQUIP_PROVIDERS = ("nequip", "nequip-compiled", "nequip-triton", "nequip-cueq", "nequip-aoti", "nequip-triton-aoti")
 PROVIDERS = OUR_PROVIDERS + NEQUIP_PROVIDERS
 
@@ -246,6 +248,24 @@ def timed_calls(step, warmup: int, repeats: int, device) -> tuple[list[float], d
 # ------------------------------------------------------------------------------------------------
 # worker: our providers, in a subprocess
 # ------------------------------------------------------------------------------------------------
+def force_error_vs_torch(model, config, graph, forces) -> float:
+    """max |F - F_torch| / max |F_torch|: the timed Triton model's forces against the torch backend's with the same
+    weights, on the benchmark's own structures (a check that the numbers timed are the right ones)."""
+    import torch
+
+    import allegro_fast as af
+
+    check = af.Allegro(config, backend="torch").to(device=forces.device, dtype=forces.dtype)
+    check.load_state_dict(model.state_dict())
+    check.eval()
+    expected = check(graph, compute_stress=False)["forces"].detach()
+    error = (forces.detach() - expected).abs().max() / expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    del check, expected
+    if forces.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return error.item()
+
+
 def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     import ase.io
     import torch
@@ -260,10 +280,12 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     probe = af.AtomicGraph.from_ase(frames[:1], r_max=af.AllegroConfig.preset(job["model"], type_names).r_max)
     config = af.AllegroConfig.preset(job["model"], type_names, avg_num_neighbors=probe.num_edges / probe.num_nodes)
     graph = af.AtomicGraph.from_ase(frames, r_max=config.r_max, dtype=dtype).to(device=device)
+    compiled = provider.endswith("-compiled")  # torch-compiled, triton-compiled: the backend under torch.compile
+    backend = provider.removesuffix("-compiled")
     if provider == "reference":
         model = af.reference.ReferenceAllegro(config)
     else:
-        model = af.Allegro(config, backend="torch" if provider == "torch-compiled" else provider)
+        model = af.Allegro(config, backend=backend)
     model = model.to(device=device, dtype=dtype)
     row = {"num_atoms": graph.num_nodes, "num_edges": graph.num_edges, "num_structures": graph.num_structures,
            "r_max": config.r_max, "num_parameters": sum(p.numel() for p in model.parameters())}
@@ -271,14 +293,14 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     if job["task"] == "inference":
         model.eval()
         evaluate = model
-        if provider == "torch-compiled":
+        if compiled:
             from allegro_fast.export import compile_model
 
             evaluate = compile_model(model)
 
         def step():
             with nvtx_range("forward+forces"):
-                if provider == "torch-compiled":
+                if compiled:
                     return evaluate(graph)["forces"]
                 return evaluate(graph, compute_stress=False)["forces"]
     else:
@@ -289,7 +311,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         force_target = torch.as_tensor(forces, dtype=dtype, device=device)
         atoms_per_structure = graph.num_atoms.to(dtype)
         forward = model
-        if provider == "torch-compiled":
+        if compiled:
             from allegro_fast.export import TrainingForceField
 
             training_step = TrainingForceField(model)
@@ -309,7 +331,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
                 optimizer.step()
             return loss
 
-    if provider == "triton" and device.type == "cuda":  # compile in parallel processes, not serially in step()
+    if backend == "triton" and device.type == "cuda":  # compile in parallel processes, not serially in step()
         from allegro_fast.kernels.precompile import precompile
 
         report = precompile(model, training=job["task"] == "train")
@@ -323,6 +345,8 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     row["first_call_ms"] = 1000 * (time.perf_counter() - begin)
+    if backend == "triton" and job["task"] == "inference":
+        row["force_error_vs_torch"] = force_error_vs_torch(model, config, graph, step())
     # emit_nvtx names every autograd op (backward too, which runs outside the forward's ranges) in the trace
     emit = settings.get("emit_nvtx") and device.type == "cuda"
     with nvtx_range(f"bench/{provider}/{job['case']}/{job['model']}/{job['task']}"), (
@@ -359,7 +383,7 @@ def worker_main(spec_path: str) -> None:
 # parent: plan, interleave, pool, report
 # ------------------------------------------------------------------------------------------------
 def unavailable_reason(provider: str, device: str, task: str, nequip_python: str | None) -> str | None:
-    if provider == "triton":
+    if provider in ("triton", "triton-compiled"):
         if device != "cuda":
             return "the triton backend is timed on CUDA only (interpreter runs are not timings)"
         import allegro_fast as af
@@ -493,11 +517,12 @@ def write_json_atomic(path: Path, value) -> None:
 
 
 def speedups(rows: list[dict]) -> dict:
-    """median(other) / median(ours) for every job where both ran (ours: torch, torch-compiled, triton)."""
+    """median(other) / median(ours) for every job where both ran (ours: torch, torch-compiled, triton,
+    triton-compiled)."""
     medians = {(r["provider"], r["case"], r["model"], r["task"]): r["median_ms"] for r in rows if "median_ms" in r}
     out = {}
     for (provider, case, model, task), ours in medians.items():
-        if provider not in ("torch", "torch-compiled", "triton"):
+        if provider not in ("torch", "torch-compiled", "triton", "triton-compiled"):
             continue
         for other in ("reference", *NEQUIP_PROVIDERS, "torch"):
             theirs = medians.get((other, case, model, task))

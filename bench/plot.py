@@ -23,7 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-MARKERS = {"torch": "o", "triton": "s", "reference": "^", "nequip": "v", "nequip-triton": "D", "nequip-cueq": "P"}
+MARKERS = {"torch": "o", "torch-compiled": "8", "triton": "s", "triton-compiled": "p", "reference": "^", "nequip": "v",
+           "nequip-compiled": "<", "nequip-aoti": ">", "nequip-triton": "D", "nequip-triton-aoti": "d", "nequip-cueq": "P"}
 
 
 def device_label(result: dict) -> str:

@@ -79,3 +79,48 @@ def test_kernel_profile_times_the_tiled_layer_kernels_on_request(tmp_path, thres
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(output.read_text())["benchmarks"]
     assert len(rows) == 1 and rows[0]["extra_info"]["tiled"] is tiled
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("task", ["inference", "train"])
+def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkeypatch, task):
+    """The "triton-compiled" provider's worker builds the triton backend, runs it through `compile_model` /
+    `TrainingForceField`, and (inference) checks its forces against the torch backend's. Under the interpreter,
+    with a small model and aot_eager (the graph inductor would compile) to keep it short."""
+    import ase.io
+    from ase.build import bulk
+
+    import allegro_fast as af
+    from allegro_fast import export
+
+    if not torch_cuda_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU kernels need TRITON_INTERPRET=1 before triton is imported")
+    small = dict(r_max=3.2, num_scalar_features=8, num_tensor_features=3, num_bessels=4, two_body_mlp_hidden=(8,),
+                 latent_mlp_hidden=(8,), readout_mlp_hidden=(5,))
+    preset = af.AllegroConfig.preset
+    monkeypatch.setattr(af.AllegroConfig, "preset", classmethod(
+        lambda cls, name, type_names, **overrides: preset(name, type_names, **{**small, **overrides})))
+    compile_model, training = export.compile_model, export.TrainingForceField
+    monkeypatch.setattr(export, "compile_model", lambda model: compile_model(model, backend="aot_eager"))
+    monkeypatch.setattr(export, "TrainingForceField", lambda model: training(model, backend="aot_eager"))
+
+    atoms = bulk("Ag", "fcc", a=4.09, cubic=True)  # 4 atoms: the interpreter is slow
+    atoms.rattle(0.05, seed=0)
+    frames_path = tmp_path / "ag4.extxyz"
+    ase.io.write(frames_path, [atoms], format="extxyz")
+    job = {"case": "ag4", "model": "default", "task": task, "dtype": "float64", "type_names": ["Ag"],
+           "frames_path": str(frames_path), "num_atoms": 4}
+    settings = {"device": "cpu", "repeats": 1, "warmup": 0, "seed": 0, "threads": 1, "batch_size": 1}
+    row = bench_cli.run_our_job("triton-compiled", job, settings)
+    assert row["num_edges"] == 4 * 12 and len(row["times_ms"]) == 1  # nearest neighbours only at r_max 3.2
+    if task == "inference":
+        assert row["force_error_vs_torch"] < 1e-10
+    else:
+        assert "force_error_vs_torch" not in row
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
