@@ -234,7 +234,8 @@ def test_tiled_fused_layer_matches_reference(tiled_layers, device, l_max, parity
 
 def test_layer_launch_tiles_wide_layers():
     """Up to 32 channels one program holds them all; above, the kernels loop over blocks of 16 channels, mix
-    into chunks of 32 output channels and at most ACCUMULATOR_ELEMENTS / BLOCK_O output columns per pass."""
+    into chunks of 32 output channels and at most ACCUMULATOR_ELEMENTS / BLOCK_O output columns per pass (the
+    backward's transposed mixing: chunks of 16)."""
     from allegro_fast.kernels import tensor_product as kernels
 
     assert not kernels.layer_launch(32, torch.float32, "cuda").tiled
@@ -242,6 +243,7 @@ def test_layer_launch_tiles_wide_layers():
     wide = kernels.layer_launch(128, torch.float32, "cuda")
     assert (wide.block_c, wide.block_o, wide.block_n, wide.columns_per_pass) == (16, 32, 128, 16)
     assert wide.constants(torch.float32)["DOT"] is False
+    assert wide.constants(torch.float32, backward=True)["BLOCK_O"] == 16
     assert kernels.layer_launch(40, torch.float64, "cuda").columns_per_pass == 16  # the same for every n > 32
     first = layer_form(3, True, 128, 0)  # the rMD17 preset's first layer: 31 output columns, 1-7 per irrep
     passes = kernels._mixing_passes(first, wide.columns_per_pass)

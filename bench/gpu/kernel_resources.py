@@ -74,7 +74,7 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
         for backward in (False, True):
             yield (f"layer{index}.{'backward' if backward else 'forward'}",
                    kernels._layer_kernel(key, backward, launch),
-                   launch.constants(getattr(torch, dtype)), launch.num_warps)
+                   launch.constants(getattr(torch, dtype), backward), launch.num_warps)
         if slots:
             layer = kernels._LAYERS[key]
             slot_e, slot_c = kernels._block_sizes(channels, torch.device("cuda"))
