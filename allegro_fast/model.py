@@ -274,9 +274,16 @@ class Allegro(AllegroPotential):
     def _two_body(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph):
         """Per-edge geometry and the two-body latent: (x, envelope, sh, w0), shared by both torch layouts."""
         config = self.config
-        center, neighbor = graph.edge_index
         radial, envelope, sh = edge_geometry(edge_vectors, self.bessel_frequencies, config.r_max,
                                              config.polynomial_p, self.harmonic_coefficients)
+        x, w0 = self._two_body_latent(radial, envelope, species, graph)
+        return x, envelope, sh, w0
+
+    def _two_body_latent(self, radial: torch.Tensor, envelope: torch.Tensor, species: torch.Tensor,
+                         graph: AtomicGraph) -> tuple[torch.Tensor, torch.Tensor]:
+        """x^{ij,0} (E, F) and w^0 (E, l_max+1, n) from the Bessel basis (E, num_bessels) and envelope (E, 1)."""
+        config = self.config
+        center, neighbor = graph.edge_index
         # MLP_2b(onehot(Z_i) | onehot(Z_j) | B(r_ij)): the one-hot part of the first matmul is a row of a
         # (type pair, width) table, picked per edge instead of multiplied.
         num_types = config.num_types
@@ -289,8 +296,8 @@ class Allegro(AllegroPotential):
         hidden = torch.addmm(pair_rows, radial, radial_rows)  # one species: the single row is broadcast
         x = self.two_body_mlp.after_first(hidden) * envelope
         # V^{ij,0}_{(l,m),c} = w_{l,c} Y_{l,m} stays factored: the first layer's product uses w and Y.
-        w0 = self.two_body_env_linear(x).view(edge_vectors.shape[0], config.l_max + 1, config.num_tensor_features)
-        return x, envelope, sh, w0
+        w0 = self.two_body_env_linear(x).view(radial.shape[0], config.l_max + 1, config.num_tensor_features)
+        return x, w0
 
     def neighbor_slots(self, graph: AtomicGraph) -> int | None:
         """K for the neighbour-slot layout (the largest neighbour count), or None for the edge-list layout.
@@ -479,13 +486,10 @@ class Allegro(AllegroPotential):
         from .kernels.edge_geometry import edge_geometry
 
         config = self.config
-        center, neighbor = graph.edge_index
         radial, envelope, sh = edge_geometry(edge_vectors, self.bessel_frequencies, config.r_max,
                                              config.polynomial_p, config.l_max)
         envelope = envelope.unsqueeze(-1)
-        onehot = nn.functional.one_hot(species, config.num_types).to(edge_vectors.dtype)
-        x = self.two_body_mlp(torch.cat([onehot[center], onehot[neighbor], radial], dim=1)) * envelope
-        v = self.two_body_env_linear(x).view(edge_vectors.shape[0], config.l_max + 1, config.num_tensor_features)
+        x, v = self._two_body_latent(radial, envelope, species, graph)
         for index in range(len(self.layers)):
             x, v = self.triton_layer(index, x, v, sh, envelope, graph.center_ptr)
         return self.readout_mlp(x).squeeze(-1)
