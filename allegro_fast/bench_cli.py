@@ -27,6 +27,8 @@ tensor-product kernel, inference only), "nequip-triton-aoti" (both: its fastest 
 provider list, it compiles for minutes per job) and "nequip-cueq" (its cuEquivariance path, where
 cuequivariance_torch is installed). Inference rows of the triton providers carry force_error_vs_torch, the largest
 force difference from the torch backend with the same weights on the same structures, over the largest force.
+Inference rows of every provider carry repeat_force_difference, the largest force difference between two calls
+on the same input (0.0: bitwise repeatable).
 nequip runs through bench/nequip_runner.py with its own interpreter (--nequip-python, default
 $NEQUIP_PYTHON, /work/venv-nequip/bin/python, or this interpreter if it can import nequip): it changes
 process-wide torch defaults, so it never shares a process with us. Unavailable providers are rows with
@@ -354,7 +356,16 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         times, memory = timed_calls(step, settings["warmup"], settings["repeats"], device)
     row.update(memory)
     row["times_ms"] = times
+    if job["task"] == "inference":
+        row["repeat_force_difference"] = repeat_force_difference(step)
     return row
+
+
+def repeat_force_difference(step) -> float:
+    """max |F_1 - F_2| of two calls on the same input: 0.0 where the forces are bitwise repeatable (float atomics,
+    e.g. index_add on CUDA, sum in a varying order). The same check runs in bench/nequip_runner.py."""
+    first = step().detach().clone()
+    return (step().detach() - first).abs().max().item()
 
 
 def worker_main(spec_path: str) -> None:

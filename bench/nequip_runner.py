@@ -457,6 +457,9 @@ def run_one_job(provider, job, settings):
     times, memory = _timed(step, settings["warmup"], settings["repeats"], device)
     row.update(memory)
     row["times_ms"] = times
+    if job["task"] == "inference":  # as allegro_fast.bench_cli.repeat_force_difference: 0.0 = bitwise repeatable
+        first = step().detach().clone()
+        row["repeat_force_difference"] = (step().detach() - first).abs().max().item()
     return row
 
 

@@ -36,6 +36,7 @@ def test_runner_writes_valid_json(tmp_path):
     assert torch_row["num_atoms"] == 32 and torch_row["num_edges"] > 0
     assert len(torch_row["times_ms"]) == 2 and torch_row["median_ms"] > 0
     assert torch_row["us_per_atom_step"] > 0
+    assert torch_row["repeat_force_difference"] == 0.0  # one thread on a CPU: bitwise repeatable
     assert rows["triton"]["skipped"]  # never timed on a CPU, with the reason
 
 
