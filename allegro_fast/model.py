@@ -22,7 +22,9 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
   where its FLOP estimate says that pays off (the default model; not n = 128 with l_max 3). The
   penultimate layer's non-scalar paths and mixed features are then never formed per edge.
 backend="triton": the same layers, with the edge geometry and, per layer, the environment sum, tensor product and
-channel mixing in Triton kernels (`allegro_fast.kernels`, one fused kernel per layer); the MLPs stay torch.
+channel mixing in Triton kernels (`allegro_fast.kernels`, one fused kernel per layer); the MLPs stay torch. Its
+sums to atoms and structures are segment sums in a fixed order (`kernels.segments`), not index_add (atomic on
+CUDA), so its energies, forces and stress repeat bitwise.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from .torch_ops import (
 BACKENDS = ("torch", "triton")
 # Above this many tensor channels the Triton layer kernels (channel-tiled above 32) are very large. For sm_90
 # (ptxas, Triton 3.6, 2-core CPU): the rMD17 preset's (128 channels, l_max 3) forward compiles in about 20 s per
-# layer (40-224 B of spill per thread), its backward in about 2 minutes (float32: 624-712 B of spill; float64
+# layer (40-224 B of spill per thread), its backward in about a minute (float32: 56-112 B of spill; float64
 # see the README). Speed is unmeasured on a GPU.
 TRITON_CHANNELS_LIMIT = 64
 
@@ -179,6 +181,11 @@ def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, num_rows: int) -> tor
     return rows.new_zeros((num_rows, *rows.shape[1:])).index_copy(0, index, rows)
 
 
+def _atom_ptr(graph: AtomicGraph) -> torch.Tensor:
+    """(B + 1,) pointers of each structure's atoms (atoms are stored structure after structure)."""
+    return torch.nn.functional.pad(graph.num_atoms.cumsum(0), (1, 0))
+
+
 class Allegro(AllegroPotential):
     """Allegro with a selectable backend ("torch" or "triton"); parameters as in the reference."""
 
@@ -265,6 +272,46 @@ class Allegro(AllegroPotential):
 
     # The neighbour-slot layout is used while it pads the edges by at most this factor.
     max_slot_padding: float = 2.0
+
+    # The triton backend's sums to atoms and structures: segment sums in a fixed order (kernels.segments), so its
+    # energies, forces and stress are bitwise the same on every call on CUDA too (index_add adds atomically there).
+    def edge_vectors(self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        if self.backend != "triton":
+            return super().edge_vectors(graph, positions, cell)
+        from .kernels.segments import gather_rows, segment_expand, sorted_order
+
+        neighbours = graph.edge_index[1]
+        num_atoms, num_edges = positions.shape[0], neighbours.shape[0]
+        _, inverse, neighbour_ptr = sorted_order(neighbours, num_atoms)
+        differences = (gather_rows(positions, inverse, neighbour_ptr)
+                       - segment_expand(positions, graph.center_ptr, num_edges))
+        shifts = graph.edge_shift.to(positions.dtype)
+        if cell.shape[0] == 1:
+            return differences + shifts @ cell[0]
+        edge_cell = segment_expand(self.per_atom(cell, graph).reshape(num_atoms, 9), graph.center_ptr, num_edges)
+        return differences + torch.bmm(shifts.unsqueeze(1), edge_cell.view(num_edges, 3, 3)).squeeze(1)
+
+    def sum_to_centers(self, per_edge: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        if self.backend != "triton":
+            return super().sum_to_centers(per_edge, graph)
+        from .kernels.segments import segment_sum
+
+        return segment_sum(per_edge.unsqueeze(1), graph.center_ptr).squeeze(1)
+
+    def sum_to_structures(self, per_atom: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        if self.backend != "triton":
+            return super().sum_to_structures(per_atom, graph)
+        from .kernels.segments import segment_sum
+
+        return segment_sum(per_atom.unsqueeze(1), _atom_ptr(graph)).squeeze(1)
+
+    def per_atom(self, per_structure: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        if self.backend != "triton":
+            return super().per_atom(per_structure, graph)
+        from .kernels.segments import segment_expand
+
+        flat = per_structure.reshape(per_structure.shape[0], -1)
+        return segment_expand(flat, _atom_ptr(graph), graph.batch.shape[0]).view(-1, *per_structure.shape[1:])
 
     def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend == "triton":
@@ -453,6 +500,8 @@ class Allegro(AllegroPotential):
             first_columns = [l * l + m for l, _ in self.input_irreps[0] for m in range(2 * l + 1)]
             self._first_harmonic_columns = torch.tensor(first_columns)
             self._first_degrees = torch.tensor([l for l, _ in self.input_irreps[0] for _ in range(2 * l + 1)])
+            self._first_harmonic_readers = column_readers(first_columns, (self.config.l_max + 1) ** 2)
+            self._first_degree_readers = column_readers(self._first_degrees.tolist(), self.config.l_max + 1)
             self._layer_keys = keys
         return self._layer_keys
 
@@ -467,8 +516,10 @@ class Allegro(AllegroPotential):
         key = self._triton_forms()[index]
         if layer.is_first:  # V^{ij,0}_{(l,m), c} = w_{l, c} Y_{l m}, in the columns the first layer reads
             device = x.device
-            features = (features.index_select(1, self._first_degrees.to(device))
-                        * harmonics.index_select(1, self._first_harmonic_columns.to(device)).unsqueeze(-1))
+            # columns repeated by slicing (a fixed order of adds in backward, not index_add's atomics on CUDA)
+            features = (repeat_columns(features, self._first_degrees.to(device), self._first_degree_readers, True)
+                        * repeat_columns(harmonics, self._first_harmonic_columns.to(device),
+                                         self._first_harmonic_readers, True).unsqueeze(-1))
         weights = layer.env_linear(x, scale=config.avg_num_neighbors**-0.5).view(num_edges, config.l_max + 1, n)
         if layer.mixing is None:
             mixing = x.new_zeros((0, n, n))

@@ -162,6 +162,27 @@ class AllegroPotential(nn.Module):
         """(E, 3) edge vectors -> (E,) edge energies E_ij before the per-species-pair scale."""
         raise NotImplementedError
 
+    # The sums to atoms and structures and the gathers whose gradients are such sums. Here index_add and
+    # indexing (on CUDA their backward and index_add use float atomics: the last bits vary between identical
+    # calls); the triton backend overrides them with segment sums in a fixed order (kernels.segments).
+    def edge_vectors(self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """(E, 3) r_ij from (N, 3) positions and (B, 3, 3) cells (see AtomicGraph.edge_vectors)."""
+        return graph.edge_vectors(positions, cell)
+
+    def sum_to_centers(self, per_edge: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """(E,) -> (N,): the sum over each atom's edges (as center)."""
+        summed = torch.zeros(graph.num_nodes, dtype=per_edge.dtype, device=per_edge.device)
+        return summed.index_add(0, graph.edge_index[0], per_edge)
+
+    def sum_to_structures(self, per_atom: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """(N,) -> (B,): the sum over each structure's atoms."""
+        summed = torch.zeros(graph.num_structures, dtype=per_atom.dtype, device=per_atom.device)
+        return summed.index_add(0, graph.batch, per_atom)
+
+    def per_atom(self, per_structure: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """(B, ...) -> (N, ...): each atom's structure's entry."""
+        return per_structure[graph.batch]
+
     def atomic_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         """(N,) atomic energies E_i = sigma_Z summed_i + mu_Z, in float64 whatever the model's dtype: the
         network's part is computed in the model's dtype, the per-species shift mu_Z (hundreds to thousands of eV
@@ -176,8 +197,7 @@ class AllegroPotential(nn.Module):
                 edge_energy = edge_energy * self.edge_species_scale.view(1)
             else:
                 edge_energy = edge_energy * self.edge_species_scale[species[center], species[neighbor]]
-        summed = torch.zeros(graph.num_nodes, dtype=edge_energy.dtype, device=edge_energy.device)
-        summed = summed.index_add(0, center, edge_energy) / self.config.avg_num_neighbors**0.5
+        summed = self.sum_to_centers(edge_energy, graph) / self.config.avg_num_neighbors**0.5
         scaled = (self.per_species_energy_scale[species] * summed).to(torch.float64)
         return scaled + self.energy_shift_float64.index_select(0, species)
 
@@ -209,9 +229,9 @@ class AllegroPotential(nn.Module):
             strain = torch.zeros_like(cell).requires_grad_(True)
             inputs.append(strain)
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
-            positions = positions + torch.bmm(positions.unsqueeze(1), symmetric[graph.batch]).squeeze(1)
+            positions = positions + torch.bmm(positions.unsqueeze(1), self.per_atom(symmetric, graph)).squeeze(1)
             cell = cell + torch.bmm(cell, symmetric)
-        edge_vectors = graph.edge_vectors(positions, cell)
+        edge_vectors = self.edge_vectors(graph, positions, cell)
 
         # Without create_graph the force gradient frees the graph: no parameter gradient can follow it, and
         # custom ops (the Triton layers) may skip their weights' (autograd does not tell them what is wanted).
@@ -220,8 +240,7 @@ class AllegroPotential(nn.Module):
             atomic_energy = self.atomic_energies(edge_vectors, species, graph)
         finally:
             self.parameter_gradients = True
-        energy = torch.zeros(graph.num_structures, dtype=atomic_energy.dtype, device=atomic_energy.device)
-        energy = energy.index_add(0, graph.batch, atomic_energy)
+        energy = self.sum_to_structures(atomic_energy, graph)
         out = {"energy": energy, "atomic_energy": atomic_energy}
         if inputs:
             grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)

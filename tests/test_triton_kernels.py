@@ -487,7 +487,7 @@ def _gpu_toolchain_missing() -> str | None:
 @pytest.mark.skipif(_gpu_toolchain_missing() is not None, reason=str(_gpu_toolchain_missing()))
 def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     """The interpreter accepts what a GPU rejects (tl.dot below 16, some dtypes): compile every generated
-    kernel of a small model (layer forward and backward, all slots) for sm_90 with Triton's own toolchain at
+    kernel of a small model (layer forward and backward, all slots, the segment sums) for sm_90 with Triton's own toolchain at
     the launchers' block sizes and warps, float32 and float64 (`bench/gpu/kernel_resources.py`, in a process
     without TRITON_INTERPRET)."""
     import json
@@ -504,7 +504,8 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(output.read_text())
-    assert len(rows) == 2 * 2 * (2 + 6)  # dtypes x layers x (forward, backward, 3 slots of 2 forms)
+    # dtypes x (2 segment sums + layers x (forward, backward, 3 slots of 2 forms))
+    assert len(rows) == 2 * (2 + 2 * (2 + 6))
     assert all(row["registers"] > 0 for row in rows)
 
 

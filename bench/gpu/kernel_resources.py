@@ -37,8 +37,8 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
     for name in names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*i64" if name == "center_ptr_ptr" else f"*{TRITON_TYPES[dtype]}"
+        elif name.endswith("_ptr"):  # CSR pointers (center_ptr_ptr, ptr_ptr) are int64, the rest `dtype`
+            signature[name] = "*i64" if name.endswith("ptr_ptr") else f"*{TRITON_TYPES[dtype]}"
         else:
             signature[name] = "i64"
     source = ASTSource(fn=kernel, signature=signature,
@@ -66,6 +66,11 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     import allegro_fast as af
     from allegro_fast.kernels import tensor_product as kernels
 
+    from allegro_fast.kernels import segments
+
+    for columns in (1, 9):  # the sums to atoms and structures: energies (1), cell gradients (9)
+        yield (f"segment_sum.c{columns}", segments._kernel(),
+               {"BLOCK_R": segments.BLOCK_ROWS, "BLOCK_C": 1 << (columns - 1).bit_length()}, 4)
     config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
                               parity=parity)
     model = af.Allegro(config, backend="torch")
