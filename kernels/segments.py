@@ -23,7 +23,9 @@ import torch
 from ._common import ensure_triton_device, nvtx_range
 
 _KERNEL = None
-BLOCK_ROWS = 64  # rows per step of a segment's loop
+# Rows per step of a segment's loop: 64 for the edges of an atom (tens to a hundred), 1024 where segments are long
+# (the atoms of a structure: one structure of 32000 atoms in 32 steps, not 500 dependent ones).
+BLOCK_ROWS, BLOCK_ROWS_LONG = 64, 1024
 
 
 def _kernel():
@@ -62,7 +64,8 @@ def segment_sum(values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
     out = values.new_empty((num_segments, num_columns))
     if num_segments > 0 and num_columns > 0:
         with nvtx_range("allegro_fast.segment_sum"):
-            _kernel()[(num_segments,)](values, ptr, out, num_columns, BLOCK_R=BLOCK_ROWS,
+            long = values.shape[0] >= 4 * BLOCK_ROWS * num_segments
+            _kernel()[(num_segments,)](values, ptr, out, num_columns, BLOCK_R=BLOCK_ROWS_LONG if long else BLOCK_ROWS,
                                        BLOCK_C=triton.next_power_of_2(num_columns))
     return out
 

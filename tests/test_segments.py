@@ -54,6 +54,11 @@ def test_segment_sum_and_expand_match_index_add_and_indexing(device, dtype, colu
     per_segment = torch.randn(len(LENGTHS), columns, generator=generator, dtype=dtype).to(device)
     assert torch.equal(segment_expand(per_segment, ptr, index.shape[0]), per_segment[index])
     assert torch.equal(segment_sum(values, ptr), segment_sum(values, ptr))  # the same bits every time
+    # long segments (4 x 64 rows or more on average: 1024 rows a step): 1100 rows in an empty, a long, a short one
+    rows = torch.randn(1100, columns, generator=generator, dtype=dtype).to(device)
+    long_ptr = torch.tensor([0, 0, 1099, 1100], device=device)
+    torch.testing.assert_close(segment_sum(rows, long_ptr), torch.stack(
+        [rows[:0].sum(0), rows[:1099].sum(0), rows[1099:].sum(0)]), rtol=tolerance, atol=10 * tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)

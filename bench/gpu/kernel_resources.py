@@ -68,9 +68,10 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
 
     from allegro_fast.kernels import segments
 
-    for columns in (1, 9):  # the sums to atoms and structures: energies (1), cell gradients (9)
-        yield (f"segment_sum.c{columns}", segments._kernel(),
-               {"BLOCK_R": segments.BLOCK_ROWS, "BLOCK_C": 1 << (columns - 1).bit_length()}, 4)
+    # the sums to atoms (energies: 1 column; cell gradients: 9) and to structures (long segments)
+    for columns, rows in ((1, segments.BLOCK_ROWS), (9, segments.BLOCK_ROWS), (1, segments.BLOCK_ROWS_LONG)):
+        yield (f"segment_sum.c{columns}.r{rows}", segments._kernel(),
+               {"BLOCK_R": rows, "BLOCK_C": 1 << (columns - 1).bit_length()}, 4)
     config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
                               parity=parity)
     model = af.Allegro(config, backend="torch")
