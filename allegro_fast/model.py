@@ -23,8 +23,9 @@ parameter names and shapes (state dicts move both ways), but only what reaches t
   penultimate layer's non-scalar paths and mixed features are then never formed per edge.
 backend="triton": the same layers, with the edge geometry and, per layer, the environment sum, tensor product and
 channel mixing in Triton kernels (`allegro_fast.kernels`, one fused kernel per layer); the MLPs stay torch. Its
-sums to atoms and structures are segment sums in a fixed order (`kernels.segments`), not index_add (atomic on
-CUDA), so its energies, forces and stress repeat bitwise.
+sums to atoms and structures, and the gradients of its per-species-pair tables, are segment sums in a fixed order
+(`kernels.segments`), not index_add (atomic on CUDA), so its energies, forces, stress and parameter gradients
+repeat bitwise.
 """
 
 from __future__ import annotations
@@ -313,6 +314,15 @@ class Allegro(AllegroPotential):
         flat = per_structure.reshape(per_structure.shape[0], -1)
         return segment_expand(flat, _atom_ptr(graph), graph.batch.shape[0]).view(-1, *per_structure.shape[1:])
 
+    def per_edge_pair(self, table: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        if self.backend != "triton":
+            return super().per_edge_pair(table, species, graph)
+        from .kernels.segments import gather_rows, sorted_order
+
+        flat = self.pair_table(table)
+        _, inverse, ptr = sorted_order(self.edge_pair_types(species, graph), flat.shape[0])
+        return gather_rows(flat.reshape(flat.shape[0], -1), inverse, ptr).view(-1, *flat.shape[1:])
+
     def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend == "triton":
             return self._triton_edge_energies(edge_vectors, species, graph)
@@ -338,8 +348,7 @@ class Allegro(AllegroPotential):
             [num_types, num_types, config.num_bessels])
         pair_rows = (center_rows.unsqueeze(1) + neighbor_rows.unsqueeze(0)).view(num_types * num_types, -1)
         if num_types > 1:
-            pair_rows = pair_rows.index_select(0, species.index_select(0, center) * num_types
-                                               + species.index_select(0, neighbor))
+            pair_rows = self.per_edge_pair(pair_rows, species, graph)
         hidden = torch.addmm(pair_rows, radial, radial_rows)  # one species: the single row is broadcast
         x = self.two_body_mlp.after_first(hidden) * envelope
         # V^{ij,0}_{(l,m),c} = w_{l,c} Y_{l,m} stays factored: the first layer's product uses w and Y.

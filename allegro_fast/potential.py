@@ -183,12 +183,26 @@ class AllegroPotential(nn.Module):
         """(B, ...) -> (N, ...): each atom's structure's entry."""
         return per_structure[graph.batch]
 
+    def edge_pair_types(self, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """(E,) species pair of every edge, T species[i] + species[j]."""
+        center, neighbor = graph.edge_index
+        return species.index_select(0, center) * self.config.num_types + species.index_select(0, neighbor)
+
+    def per_edge_pair(self, table: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """Rows of a per-species-pair table, (T, T, ...) or (T T, ...), picked for every edge: (E, ...) (its
+        gradient, a sum over the edges of each pair, is a parameter's)."""
+        return self.pair_table(table).index_select(0, self.edge_pair_types(species, graph))
+
+    def pair_table(self, table: torch.Tensor) -> torch.Tensor:
+        """A per-species-pair table as (T T, ...)."""
+        num_types = self.config.num_types
+        return table if table.shape[0] == num_types**2 else table.reshape(num_types**2, *table.shape[2:])
+
     def atomic_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         """(N,) atomic energies E_i = sigma_Z summed_i + mu_Z, in float64 whatever the model's dtype: the
         network's part is computed in the model's dtype, the per-species shift mu_Z (hundreds to thousands of eV
         per atom for DFT totals) is added in float64, so a float32 model's total energy of aspirin (-17,600 eV)
         is not rounded to float32's 2 meV spacing there. Gradients reach the inputs in the model's dtype."""
-        center, neighbor = graph.edge_index
         edge_energy = self.edge_energies(edge_vectors, species, graph)
         if self.edge_species_scale is not None:
             # With one species the table has one entry: broadcast it. A gather's backward would scatter into
@@ -196,7 +210,7 @@ class AllegroPotential(nn.Module):
             if self.config.num_types == 1:
                 edge_energy = edge_energy * self.edge_species_scale.view(1)
             else:
-                edge_energy = edge_energy * self.edge_species_scale[species[center], species[neighbor]]
+                edge_energy = edge_energy * self.per_edge_pair(self.edge_species_scale, species, graph)
         summed = self.sum_to_centers(edge_energy, graph) / self.config.avg_num_neighbors**0.5
         scaled = (self.per_species_energy_scale[species] * summed).to(torch.float64)
         return scaled + self.energy_shift_float64.index_select(0, species)

@@ -108,10 +108,11 @@ class AccumulatingOps(TorchDispatchMode):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_model_adds_in_a_fixed_order(device):
     """Energies, forces and stress of a batch (several structures, periodic and not, an atom without neighbours)
-    go through no accumulation at repeated indices; in a force-training step the only ones left write the
-    per-species parameter tables' gradients (T or T x T rows). The values match the torch backend's."""
+    and the parameter gradients of a force-training step through them go through no accumulation at repeated
+    indices (per-species-pair tables included: three species, per-edge species scales). The values match the
+    torch backend's."""
     torch.manual_seed(0)
-    config = small_config(num_layers=2, num_tensor_features=3)
+    config = small_config(num_layers=2, num_tensor_features=3, per_edge_species_scale=True)
     model = af.Allegro(config, backend="triton").double().to(device)
     reference = af.Allegro(config, backend="torch").double().to(device)
     reference.load_state_dict(model.state_dict())
@@ -128,8 +129,15 @@ def test_triton_model_adds_in_a_fixed_order(device):
     with AccumulatingOps() as recorded:
         out = model(graph, compute_stress=True, create_graph=True)
         (out["energy"].sum() + out["forces"].square().sum() + out["stress"].square().sum()).backward()
-    tables = {config.num_types, config.num_types**2}
-    assert all(shape[0] in tables for _, shape, repeats in recorded.ops if repeats), recorded.ops
+    assert not [op for op in recorded.ops if op[2]], recorded.ops
+    gradients = {name: p.grad for name, p in model.named_parameters()}
+    assert gradients["edge_species_scale"] is not None and gradients["two_body_mlp.layer0.weight"] is not None
+    reference.train()
+    expected = reference(graph, compute_stress=True, create_graph=True)
+    (expected["energy"].sum() + expected["forces"].square().sum() + expected["stress"].square().sum()).backward()
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(gradients[name], p.grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
