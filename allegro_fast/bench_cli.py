@@ -28,7 +28,8 @@ provider list, it compiles for minutes per job) and "nequip-cueq" (its cuEquivar
 cuequivariance_torch is installed). Inference rows of the triton providers carry force_error_vs_torch, the largest
 force difference from the torch backend with the same weights on the same structures, over the largest force.
 Inference rows of every provider carry repeat_force_difference, the largest force difference between two calls
-on the same input (0.0: bitwise repeatable).
+on the same input (0.0: bitwise repeatable), training rows repeat_gradient_difference, the same for the parameter
+gradients of the loss.
 nequip runs through bench/nequip_runner.py with its own interpreter (--nequip-python, default
 $NEQUIP_PYTHON, /work/venv-nequip/bin/python, or this interpreter if it can import nequip): it changes
 process-wide torch defaults, so it never shares a process with us. Unavailable providers are rows with
@@ -321,11 +322,14 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
             def forward(graph, compute_stress):
                 return training_step(graph)
 
+        def training_loss():
+            out = forward(graph, compute_stress=False)
+            return (((out["energy"] - energy_target) / atoms_per_structure).pow(2).mean()
+                    + (out["forces"] - force_target).pow(2).mean())
+
         def step():
             with nvtx_range("forward+forces (create_graph)"):
-                out = forward(graph, compute_stress=False)
-                loss = (((out["energy"] - energy_target) / atoms_per_structure).pow(2).mean()
-                        + (out["forces"] - force_target).pow(2).mean())
+                loss = training_loss()
             optimizer.zero_grad(set_to_none=True)
             with nvtx_range("loss.backward"):
                 loss.backward()
@@ -358,7 +362,21 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     row["times_ms"] = times
     if job["task"] == "inference":
         row["repeat_force_difference"] = repeat_force_difference(step)
+    else:
+        row["repeat_gradient_difference"] = repeat_gradient_difference(training_loss, list(model.parameters()))
     return row
+
+
+def repeat_gradient_difference(loss, parameters) -> float:
+    """max |g_1 - g_2| over all parameter gradients of the training loss, computed twice with the same parameters
+    (no optimizer step between): 0.0 where training is bitwise repeatable. bench/nequip_runner.py does the same."""
+    import torch
+
+    gradients = []
+    for _ in range(2):
+        grads = torch.autograd.grad(loss(), parameters, allow_unused=True)
+        gradients.append(torch.cat([g.detach().flatten() for g in grads if g is not None]))
+    return (gradients[0] - gradients[1]).abs().max().item()
 
 
 def repeat_force_difference(step) -> float:

@@ -440,11 +440,14 @@ def run_one_job(provider, job, settings):
         f_ref = torch.as_tensor(forces, dtype=torch.float64, device=device)
         natoms = torch.as_tensor([len(a) for a in frames], dtype=torch.float64, device=device)
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
+        def training_loss():
             out = model(dict(data))
             energy = out[AtomicDataDict.TOTAL_ENERGY_KEY].view(-1)
-            loss = torch.mean(((energy - e_ref) / natoms) ** 2) + torch.mean((out[AtomicDataDict.FORCE_KEY] - f_ref) ** 2)
+            return torch.mean(((energy - e_ref) / natoms) ** 2) + torch.mean((out[AtomicDataDict.FORCE_KEY] - f_ref) ** 2)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = training_loss()
             loss.backward()
             optimizer.step()
             return loss
@@ -460,6 +463,13 @@ def run_one_job(provider, job, settings):
     if job["task"] == "inference":  # as allegro_fast.bench_cli.repeat_force_difference: 0.0 = bitwise repeatable
         first = step().detach().clone()
         row["repeat_force_difference"] = (step().detach() - first).abs().max().item()
+    else:  # as allegro_fast.bench_cli.repeat_gradient_difference
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        gradients = []
+        for _ in range(2):
+            grads = torch.autograd.grad(training_loss(), parameters, allow_unused=True)
+            gradients.append(torch.cat([g.detach().flatten() for g in grads if g is not None]))
+        row["repeat_gradient_difference"] = (gradients[0] - gradients[1]).abs().max().item()
     return row
 
 
