@@ -21,8 +21,18 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 import allegro_fast as af
+from allegro_fast.kernels._common import interpreter_enabled
 
 SHARED_DATA = Path(os.environ.get("ALLEGRO_FAST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+# Where the Triton kernel tests run: the CPU under the interpreter, and CUDA where there is a device.
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=[pytest.mark.interpreter, pytest.mark.skipif(
+        not interpreter_enabled(), reason="CPU kernels need TRITON_INTERPRET=1 before triton is imported")]),
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
+]
 
 
 def requires_data(*parts: str):

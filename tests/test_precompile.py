@@ -13,22 +13,11 @@ import json
 
 import pytest
 import torch
-from conftest import ethanol, lonely_and_pair, periodic_cho, small_config
+from conftest import TRITON_DEVICES, ethanol, lonely_and_pair, periodic_cho, small_config
 
 import allegro_fast as af
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-
-
-def _devices():
-    from allegro_fast.kernels._common import interpreter_enabled
-
-    return [
-        pytest.param("cpu", marks=[pytest.mark.interpreter, pytest.mark.skipif(
-            not interpreter_enabled(), reason="CPU kernels need TRITON_INTERPRET=1 before triton is imported")]),
-        pytest.param("cuda", marks=[pytest.mark.cuda,
-                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-    ]
 
 
 CONFIG = dict(l_max=2, num_tensor_features=5, num_layers=2)
@@ -50,7 +39,7 @@ def _structures(device, dtype):
     return small, large, mixed
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_the_example_run_asks_for_every_kernel_of_a_training_step(device):
     from allegro_fast.kernels._common import kernel_selection
     from allegro_fast.kernels.precompile import kernel_names
@@ -75,7 +64,7 @@ def test_the_example_run_asks_for_every_kernel_of_a_training_step(device):
     assert set(selection.requested) <= set(training)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_what_triton_specialises_on_does_not_depend_on_the_structure(device, monkeypatch):
     """Triton keys a compiled kernel by its arguments' dtypes, pointer alignment (16 bytes), integer values
     equal to 1 or divisible by 16 (and their width), and the constexprs. The layer and slot kernels get the same

@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import ethanol, lonely_and_pair, periodic_cho, small_config
+from conftest import TRITON_DEVICES, ethanol, lonely_and_pair, periodic_cho, small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import allegro_fast as af
@@ -16,17 +16,7 @@ import allegro_fast as af
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def _interpreter_device():
-    from allegro_fast.kernels._common import interpreter_enabled
-
-    return pytest.param("cpu", marks=pytest.mark.skipif(
-        not interpreter_enabled(), reason="CPU kernels need TRITON_INTERPRET=1 before triton is imported"))
-
-
-DEVICES = [
-    _interpreter_device(),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-]
+DEVICES = TRITON_DEVICES
 
 # empty segments, segments of one row, one longer than a block of rows (64), at the start and the end
 LENGTHS = [0, 3, 1, 0, 70, 2, 1, 0, 5, 0]

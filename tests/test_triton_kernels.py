@@ -13,6 +13,7 @@ import importlib.util
 import pytest
 import torch
 from conftest import (
+    TRITON_DEVICES,
     ethanol,
     lonely_and_pair,
     periodic_cho,
@@ -28,19 +29,7 @@ from allegro_fast.torch_ops import _GroupedPaths
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def _interpreter_device():
-    from allegro_fast.kernels._common import interpreter_enabled
-
-    return pytest.param("cpu", marks=[
-        pytest.mark.interpreter,
-        pytest.mark.skipif(not interpreter_enabled(), reason="CPU kernels need TRITON_INTERPRET=1 before triton is imported"),
-    ])
-
-
-DEVICES = [
-    _interpreter_device(),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-]
+DEVICES = TRITON_DEVICES
 
 
 def random_csr(neighbour_counts, device, seed=0):
