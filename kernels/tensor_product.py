@@ -1058,8 +1058,10 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
         return grad_env_weights, grad_harmonics.zero_(), grad_features
     launch = layer_launch(channels, features.dtype, features.device.type)
     blocks = -(-channels // launch.block_c)
-    if launch.tiled:  # one slice of Y's cotangent per channel block, summed below in a fixed order
-        grad_harmonics = harmonics.new_empty((blocks, *harmonics.shape))
+    if launch.tiled:  # one slice of Y's cotangent per channel block, summed below in a fixed order; stored
+        # (E, blocks, D): no stride depends on E (Triton specialises on integers divisible by 16, and precompiled
+        # kernels must fit every structure)
+        grad_harmonics = harmonics.new_empty((num_edges, blocks, harmonics.shape[1]))
     mixed_or_any = grad_mixed if grad_mixed.numel() else grad_scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
                  harmonics, *_strides(harmonics, layer.environment.operands[1]),
@@ -1069,15 +1071,15 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
                  mixed_or_any, mixed_or_any.stride(0), mixed_or_any.stride(1),
                  grad_features, grad_features.stride(0), grad_features.stride(1),
                  grad_env_weights, grad_env_weights.stride(0), grad_env_weights.stride(1),
-                 grad_harmonics, grad_harmonics.stride(-2), grad_harmonics.stride(-1)]
+                 grad_harmonics, grad_harmonics.stride(0), grad_harmonics.stride(-1)]
     if launch.tiled:
-        arguments.append(grad_harmonics.stride(0))
+        arguments.append(grad_harmonics.stride(1))
     arguments += [center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer.backward"):
         _layer_kernel(key, True, launch)[(center_ptr.numel() - 1,)](
             *arguments, **launch.constants(features.dtype, backward=True), num_warps=launch.num_warps)
     if launch.tiled:
-        grad_harmonics = grad_harmonics[0] if blocks == 1 else grad_harmonics.sum(0)
+        grad_harmonics = grad_harmonics[:, 0] if blocks == 1 else grad_harmonics.sum(1)
     return grad_env_weights, grad_harmonics, grad_features
 
 

@@ -65,13 +65,18 @@ def test_the_example_run_asks_for_every_kernel_of_a_training_step(device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_what_triton_specialises_on_does_not_depend_on_the_structure(device, monkeypatch):
+@pytest.mark.parametrize("tiled", [False, True])
+def test_what_triton_specialises_on_does_not_depend_on_the_structure(device, tiled, monkeypatch):
     """Triton keys a compiled kernel by its arguments' dtypes, pointer alignment (16 bytes), integer values
     equal to 1 or divisible by 16 (and their width), and the constexprs. The layer and slot kernels get the same
     integers and alignments on the precompile molecule as on other structures; the edge geometry kernels take the
-    number of edges (cheap to compile again)."""
+    number of edges (cheap to compile again). `tiled`: the channel-tiled layer kernels (above 32 channels), at 3."""
     from allegro_fast.kernels import _common
+    from allegro_fast.kernels import tensor_product as kernels
     from allegro_fast.kernels.precompile import run_example
+
+    if tiled:
+        monkeypatch.setattr(kernels, "TILE_CHANNELS_ABOVE", 0)
 
     seen: dict[str, set] = {}
 
