@@ -504,31 +504,23 @@ class Allegro(AllegroPotential):
             keys = []
             for description, irreps, layer in zip(descriptions, self.input_irreps, self.layers):
                 output_irreps = [] if layer.mixing is None else [group[0] for group in layer.channel_mixing.groups]
-                form = kernels.fused_layer_form(description, irreps, layer.tensor_product, output_irreps)
+                # the first layer's kernels read w^0 and Y and form V^0 = w^0 (x) Y in registers
+                form = kernels.fused_layer_form(description, irreps, layer.tensor_product, output_irreps,
+                                                first=layer.is_first)
                 keys.append(kernels.register_layer(form))
-            first_columns = [l * l + m for l, _ in self.input_irreps[0] for m in range(2 * l + 1)]
-            self._first_harmonic_columns = torch.tensor(first_columns)
-            self._first_degrees = torch.tensor([l for l, _ in self.input_irreps[0] for _ in range(2 * l + 1)])
-            self._first_harmonic_readers = column_readers(first_columns, (self.config.l_max + 1) ** 2)
-            self._first_degree_readers = column_readers(self._first_degrees.tolist(), self.config.l_max + 1)
             self._layer_keys = keys
         return self._layer_keys
 
     def triton_layer(self, index: int, x: torch.Tensor, features: torch.Tensor, harmonics: torch.Tensor,
                      envelope: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer `index` through the fused kernel: (x^L, V^L or None in the last layer) from x^{L-1} (E, F),
-        V^{L-1} (E, D_in, n) (for the first layer w^0 (E, l_max+1, n)), Y, the envelope (E, 1)."""
+        V^{L-1} (E, D_in, n) (for the first layer w^0 (E, l_max+1, n): the kernels form V^0 = w^0 (x) Y), Y, the
+        envelope (E, 1)."""
         from .kernels.tensor_product import fused_layer
 
         config, layer = self.config, self.layers[index]
         n, num_edges = config.num_tensor_features, x.shape[0]
         key = self._triton_forms()[index]
-        if layer.is_first:  # V^{ij,0}_{(l,m), c} = w_{l, c} Y_{l m}, in the columns the first layer reads
-            device = x.device
-            # columns repeated by slicing (a fixed order of adds in backward, not index_add's atomics on CUDA)
-            features = (repeat_columns(features, self._first_degrees.to(device), self._first_degree_readers, True)
-                        * repeat_columns(harmonics, self._first_harmonic_columns.to(device),
-                                         self._first_harmonic_readers, True).unsqueeze(-1))
         weights = layer.env_linear(x, scale=config.avg_num_neighbors**-0.5).view(num_edges, config.l_max + 1, n)
         if layer.mixing is None:
             mixing = x.new_zeros((0, n, n))

@@ -485,13 +485,12 @@ class _RepeatColumns(torch.autograd.Function):
         return torch.stack(columns, dim=1), None, None
 
 
-def repeat_columns(x: torch.Tensor, index: torch.Tensor, readers: tuple[tuple[int, ...], ...],
-                   fixed_order: bool = False) -> torch.Tensor:
+def repeat_columns(x: torch.Tensor, index: torch.Tensor, readers: tuple[tuple[int, ...], ...]) -> torch.Tensor:
     """x.index_select(1, index) for a constant `index` whose entries repeat; ``readers`` = `column_readers(index)`.
     The backward sums the columns that read each input column, a few adds, instead of an index_add:
     inductor's code for an index_add is a loop of atomic adds. Eager calls use index_select itself (see
-    `select_unique`) unless `fixed_order` (the triton backend: index_add's atomics on CUDA add in a varying order)."""
-    if not traced(x) and not fixed_order:
+    `select_unique`)."""
+    if not traced(x):
         return x.index_select(1, index)
     return _RepeatColumns.apply(x, index, readers)
 

@@ -16,7 +16,8 @@ next layer reads; "needed" paths: those that reach the energy, see tensor_produc
     latent MLP          2 E sum_k w_k w_{k+1}          widths [F + S n, hidden..., F]
   Minimal bytes (each operand read or written once from/to memory; A and T stay on chip):
     fused core (environment sum + tensor product + mixing, the Triton kernel's job):
-        read  V^{L-1} (E n D_in), environment weights (E n (l_max+1)), Y (E D2), CSR pointers (N+1, int64),
+        read  V^{L-1} (E n D_in; in the first layer w^0, E n (l_max+1), from which the kernel forms V^0 =
+              w^0 (x) Y on chip), environment weights (E n (l_max+1)), Y (E D2), CSR pointers (N+1, int64),
               mixing weights;
         write scalars (E S n) and V^L (E n D_out)
     whole layer (also env linear, latent MLP and the residual): read x (E F) instead of the environment
@@ -62,6 +63,7 @@ def layer_work(model, index: int, num_edges: int, num_nodes: int, itemsize: int)
     nnz = sum(len(description.nonzeros(i)[0]) for i in needed)
     input_irreps = description.irreps_in1 if index == 0 else model.input_irreps[index]
     d_in = irrep_offsets(tuple(input_irreps))[-1]
+    features_read = config.l_max + 1 if index == 0 else d_in  # the first layer's kernels read w^0, not V^0
     next_irreps = model.input_irreps[index + 1] if index + 1 < len(model.layers) else ()
     d_out = irrep_offsets(tuple(next_irreps))[-1]
     mixing_terms = sum(len([p for p in needed if description.paths[p].irrep_out == irrep]) * (2 * irrep[0] + 1)
@@ -79,9 +81,9 @@ def layer_work(model, index: int, num_edges: int, num_nodes: int, itemsize: int)
     }
     core_flops = flops["environment_sum"] + flops["tensor_product"] + flops["channel_mixing"]
     mixing_weights = n * n * sum(len([p for p in needed if description.paths[p].irrep_out == irrep]) for irrep in next_irreps)
-    core_bytes = itemsize * (E * n * d_in + E * n * (config.l_max + 1) + E * d2 + E * num_scalar_paths * n
+    core_bytes = itemsize * (E * n * features_read + E * n * (config.l_max + 1) + E * d2 + E * num_scalar_paths * n
                              + E * n * d_out + mixing_weights) + 8 * (num_nodes + 1)
-    layer_bytes = itemsize * (E * n * d_in + E * F + E * d2 + E + E * F + E * n * d_out + mixing_weights
+    layer_bytes = itemsize * (E * n * features_read + E * F + E * d2 + E + E * F + E * n * d_out + mixing_weights
                               + F * n * (config.l_max + 1) + mlp_weights) + 8 * (num_nodes + 1)
     return {
         "layer": index, "position": "first" if index == 0 else "last" if description.is_last else "middle",
@@ -111,7 +113,7 @@ def fused_kernel_case(model, index: int, num_edges: int, dtype, device):
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
     inputs = (rand(num_edges, config.l_max + 1, n), rand(num_edges, (config.l_max + 1) ** 2),
-              rand(num_edges, layer.product.operands[0].columns, n), rand(layer.num_weights, n, n) / n ** 0.5)
+              rand(num_edges, layer.feature_columns, n), rand(layer.num_weights, n, n) / n ** 0.5)
     return (lambda: fused_layer(key, *inputs, center_ptr)), num_nodes
 
 

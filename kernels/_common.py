@@ -30,6 +30,21 @@ def ensure_triton_device(*tensors: torch.Tensor) -> None:
         )
 
 
+def gradient_wanted(tensor: torch.Tensor) -> bool:
+    """Whether the running backward pass will use a gradient for `tensor`, an input a custom op saved. A custom
+    op's ctx.needs_input_grad only says that the input requires grad; the force pass of training,
+    torch.autograd.grad(energy, positions, create_graph=True), wants no parameter gradient. Asks the autograd
+    engine whether it will run the tensor's grad_fn; True where that cannot be known (a leaf, a traced
+    backward, an engine without the query)."""
+    node = tensor.grad_fn
+    if node is None or torch.compiler.is_compiling():
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def nvtx_range(name: str):
     """An nvtx range (visible in Nsight Systems) on CUDA machines, nothing elsewhere."""
     if torch.cuda.is_available():

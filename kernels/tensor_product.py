@@ -38,6 +38,10 @@ into (BLOCK_E, BLOCK_O) tiles, a few output irreps per pass; the backward loops 
 forms the product's cotangent path by path. Both loop over output chunks at runtime, so their source does not
 depend on the channel count.
 
+The first layer's V^0 = w^0 (x) Y is never stored: its kernels read w^0 (E, l_max+1, n) and Y and form the
+feature tiles in registers, and its backward chains V^0's cotangent to w^0 and Y in registers as well (about
+(l_max+1)^2 n values per edge less to write and read in each direction).
+
 Kernels are generated from the layer's `LayerTensorProduct` (the Clebsch-Gordan nonzeros become unrolled
 constant multiply-adds) and cached on disk, because Triton compiles a `@triton.jit` function from its source
 file. The slot kernels run one program per center atom and block of channels (grid (N, ceil(n / BLOCK_C)))
@@ -59,7 +63,7 @@ import torch
 
 from allegro_fast.tensor_product import LayerTensorProduct, irrep_offsets
 
-from ._common import ensure_triton_device, nvtx_range, selected_kernel
+from ._common import ensure_triton_device, gradient_wanted, nvtx_range, selected_kernel
 
 # --------------------------------------------------------------------------------------------------
 # The forms (data) and the plain-torch reference of every slot
@@ -162,11 +166,19 @@ class FusedLayerForm:
     product: TrilinearForm
     scalar_columns: tuple[int, int]
     mixing: tuple[MixingGroup, ...]
+    # The first layer: its features V^0[e, a, c] = w0[e, l, c] Y[e, k] for (l, k) = first_features[a], read by the
+    # kernels from w0 (E, l_max+1, n) and Y (never formed in memory); () for a layer that reads V (E, D_in, n).
+    first_features: tuple[tuple[int, int], ...] = ()
 
     @property
     def key(self) -> str:
-        text = repr((self.environment.key, self.product.key, self.scalar_columns, self.mixing))
+        text = repr((self.environment.key, self.product.key, self.scalar_columns, self.mixing, self.first_features))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    @property
+    def feature_columns(self) -> int:
+        """Columns of the `features` input: w0's l_max+1 in the first layer, V's D_in otherwise."""
+        return self.environment.operands[0].columns if self.first_features else self.product.operands[0].columns
 
     @property
     def output_dim(self) -> int:
@@ -178,10 +190,11 @@ class FusedLayerForm:
 
 
 def fused_layer_form(description: LayerTensorProduct, input_irreps: Sequence[tuple[int, int]], grouped,
-                     output_irreps: Sequence[tuple[int, int]]) -> FusedLayerForm:
+                     output_irreps: Sequence[tuple[int, int]], first: bool = False) -> FusedLayerForm:
     """The fused layer of `description` reading V with `input_irreps` and mixing into `output_irreps` (none in
     the last layer); `grouped` (torch_ops._GroupedPaths) fixes the product's columns: its `irrep_blocks`,
-    `output_row`, `path_indices`, `output_dim`."""
+    `output_row`, `path_indices`, `output_dim`. With `first`, V is the first layer's V^0 = w0 (x) Y (its irreps
+    (l, p) read component m from w0's column l and Y's column l^2 + m), which the kernels form in registers."""
     product = tensor_product_form(description, input_irreps, grouped.output_row, grouped.path_indices,
                                   grouped.output_dim)
     start, stop, _ = grouped.irrep_blocks[(0, 1)]
@@ -190,7 +203,8 @@ def fused_layer_form(description: LayerTensorProduct, input_irreps: Sequence[tup
         block_start, _, paths = grouped.irrep_blocks[irrep]
         groups.append(MixingGroup(block_start, len(paths), 2 * irrep[0] + 1, output_start, weight_start))
         weight_start += len(paths)
-    return FusedLayerForm(environment_form(description.l_max), product, (start, stop), tuple(groups))
+    first_features = tuple((l, l * l + m) for l, _ in input_irreps for m in range(2 * l + 1)) if first else ()
+    return FusedLayerForm(environment_form(description.l_max), product, (start, stop), tuple(groups), first_features)
 
 
 _LAYERS: dict[str, FusedLayerForm] = {}
@@ -233,6 +247,46 @@ def trilinear_ref(form: TrilinearForm, slot: int, first: torch.Tensor, second: t
     return out.contiguous()
 
 
+def _first_feature_runs(layer: FusedLayerForm) -> list[tuple[int, int, int, int]]:
+    """The first layer's V^0 columns in runs (a, l, k, size): columns a:a+size read w0's column l and Y's columns
+    k:k+size (one run per irrep)."""
+    runs: list[list[int]] = []
+    for a, (l, k) in enumerate(layer.first_features):
+        if runs and runs[-1][1] == l and runs[-1][2] + runs[-1][3] == k:
+            runs[-1][3] += 1
+        else:
+            runs.append([a, l, k, 1])
+    return [tuple(run) for run in runs]  # type: ignore[misc]
+
+
+def layer_features(layer: FusedLayerForm, features: torch.Tensor, harmonics: torch.Tensor) -> torch.Tensor:
+    """V (E, D_in, n) that a layer's product reads: `features` itself, or in the first layer V^0 = w0 (x) Y from
+    w0 = `features` (E, l_max+1, n) and Y (plain torch, differentiable: slices and products, whose backward adds
+    in a fixed order, no index_add)."""
+    if not layer.first_features:
+        return features
+    blocks = [features[:, l:l + 1] * harmonics[:, k:k + size, None] for _, l, k, size in _first_feature_runs(layer)]
+    return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+
+
+def first_feature_cotangents(layer: FusedLayerForm, grad_v: torch.Tensor, w0: torch.Tensor,
+                             harmonics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product of `layer_features` in the first layer, in plain torch: (w0's cotangent
+    (E, l_max+1, n), Y's (E, (l_max+1)^2)) from V^0's cotangent (E, D_in, n)."""
+    num_edges, channels = grad_v.shape[0], grad_v.shape[2]
+    grad_w0: list[torch.Tensor | None] = [None] * w0.shape[1]
+    grad_y: list[torch.Tensor | None] = [None] * harmonics.shape[1]
+    for a, l, k, size in _first_feature_runs(layer):
+        block = grad_v[:, a:a + size]
+        piece = (block * harmonics[:, k:k + size, None]).sum(1)
+        grad_w0[l] = piece if grad_w0[l] is None else grad_w0[l] + piece
+        for m, column in enumerate((block * w0[:, l:l + 1]).sum(2).unbind(1)):
+            grad_y[k + m] = column if grad_y[k + m] is None else grad_y[k + m] + column
+    zero_w0, zero_y = grad_v.new_zeros((num_edges, channels)), grad_v.new_zeros((num_edges,))
+    return (torch.stack([zero_w0 if g is None else g for g in grad_w0], dim=1),
+            torch.stack([zero_y if g is None else g for g in grad_y], dim=1))
+
+
 def scalars_and_mixing(layer: FusedLayerForm, product: torch.Tensor,
                        weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: the scalar columns (E, S, n) and the channel mixing (E, D_out, n) of a product (E, P, n)
@@ -254,7 +308,8 @@ def fused_layer_ref(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics:
                     num_centers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch fused layer (the oracle of its kernel): (scalars (E, S, n), mixed (E, D_out, n))."""
     environment = trilinear_ref(layer.environment, 2, env_weights, harmonics, center, num_centers)
-    product = trilinear_ref(layer.product, 2, features, environment, center, num_centers)
+    product = trilinear_ref(layer.product, 2, layer_features(layer, features, harmonics), environment, center,
+                            num_centers)
     return scalars_and_mixing(layer, product, weights)
 
 
@@ -267,11 +322,13 @@ class _KernelWriter:
     """Emits the body of one generated kernel. Operands are read through (pointer, row, channel, column)
     strides; `values` caches the loaded tiles of the current edge block by (operand name, column)."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_features: Sequence[tuple[int, int]] = ()) -> None:
         self.lines: list[str] = []
         self.values: dict[tuple[str, int], str] = {}
         self.constants: dict[float, str] = {}
         self.constants_at = 0  # the line after which the constants are defined
+        # the first layer: feature column a is w0's column l times Y's column k, (l, k) = first_features[a]
+        self.first_features = tuple(first_features)
 
     def emit(self, indent: int, text: str) -> None:
         self.lines.append("    " * indent + text)
@@ -282,7 +339,12 @@ class _KernelWriter:
         return self.constants[value]
 
     def edge_tile(self, indent: int, name: str, operand: Operand, column: int) -> str:
-        """A (BLOCK_E, BLOCK_C) tile (or (BLOCK_E, 1) without channels) of a per-edge operand."""
+        """A (BLOCK_E, BLOCK_C) tile (or (BLOCK_E, 1) without channels) of a per-edge operand (in the first layer,
+        a feature tile is formed from w0 and Y)."""
+        if name == "features" and self.first_features and (name, column) not in self.values:
+            l, k = self.first_features[column]
+            self.emit(indent, f"features_{column} = {self.w0_tile(indent, l)} * {self.harmonic_tile(indent, k)}")
+            self.values[(name, column)] = f"features_{column}"
         if (name, column) not in self.values:
             variable = f"{name}_{column}"
             if operand.has_channels:
@@ -293,6 +355,18 @@ class _KernelWriter:
                                   f"{name}_stride_column, mask=edge_mask, other=0.0)[:, None]")
             self.values[(name, column)] = variable
         return self.values[(name, column)]
+
+    def w0_tile(self, indent: int, l: int) -> str:
+        """The first layer: a (BLOCK_E, BLOCK_C) tile of w0's column l (passed as the `features` operand)."""
+        if ("w0", l) not in self.values:
+            self.emit(indent, f"w0_{l} = tl.load(features_ptr + edge_rows * features_stride_row + channel_cols * "
+                              f"features_stride_channel + {l} * features_stride_column, mask=tile_mask, other=0.0)")
+            self.values[("w0", l)] = f"w0_{l}"
+        return self.values[("w0", l)]
+
+    def harmonic_tile(self, indent: int, k: int) -> str:
+        """A (BLOCK_E, 1) tile of Y's column k."""
+        return self.edge_tile(indent, "harmonics", Operand("harmonics", False, False, k + 1), k)
 
     def center_vector(self, indent: int, name: str, column: int) -> str:
         """A (1, BLOCK_C) row of a per-center operand, loaded once per program."""
@@ -512,6 +586,46 @@ def _load_edge_tile(name: str, column: int) -> str:
             f"mask=tile_mask, other=0.0)")
 
 
+def _store_feature_cotangents(writer: _KernelWriter, indent: int, layer: FusedLayerForm, values: dict[int, str],
+                              product_slice: str) -> None:
+    """Store the cotangent of the features from V's, `values` (column -> tile; absent columns are zero). In the
+    first layer V^0 = w0 (x) Y is not an input: its cotangent is chained in registers to w0's columns (stored to
+    grad_features) and to Y's (slice `product_slice` of grad_harmonics, summed with the environment's share by
+    the launcher)."""
+    zeros = "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)"
+    if not layer.first_features:
+        for column in range(layer.feature_columns):
+            _store_edge_tile(writer, indent, "grad_features", column, values.get(column, zeros))
+        return
+
+    def store_y(k: int, value: str) -> None:
+        writer.emit(indent, f"tl.store(grad_harmonics_ptr + ({product_slice}) * grad_harmonics_stride_block + edges * "
+                            f"grad_harmonics_stride_row + {k} * grad_harmonics_stride_column, {value}, mask=edge_mask)")
+
+    # each sum stored as soon as its last term is in (fewer live registers)
+    last_w0 = {l: column for column, (l, _) in enumerate(layer.first_features) if column in values}
+    last_y = {k: column for column, (_, k) in enumerate(layer.first_features) if column in values}
+    started: set[str] = set()
+    for column, value in values.items():
+        l, k = layer.first_features[column]
+        if value != f"gf_{column}":
+            writer.emit(indent, f"gf_{column} = {value}")
+        for name, term in ((f"gw0_{l}", f"gf_{column} * {writer.harmonic_tile(indent, k)}"),
+                           (f"gy_{k}", f"tl.sum(gf_{column} * {writer.w0_tile(indent, l)}, axis=1)")):
+            writer.emit(indent, f"{name} = {name + ' + ' if name in started else ''}{term}")
+            started.add(name)
+        if last_w0[l] == column:
+            _store_edge_tile(writer, indent, "grad_features", l, f"gw0_{l}")
+        if last_y[k] == column:
+            store_y(k, f"gy_{k}")
+    for l in range(layer.feature_columns):
+        if l not in last_w0:
+            _store_edge_tile(writer, indent, "grad_features", l, zeros)
+    for k in range(layer.environment.operands[1].columns):
+        if k not in last_y:
+            store_y(k, "tl.zeros((BLOCK_E,), dtype=DTYPE)")
+
+
 def _weight_tile(index: int, transposed: bool) -> str:
     """(BLOCK_C, BLOCK_C) tile of the mixing matrix `index`, W[c, c'] (or its transpose W[c', c])."""
     offsets = "weight_offsets_t" if transposed else "weight_offsets"
@@ -522,7 +636,7 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     """Source of the fused layer: per center, the environment in registers, then per block of its edges the
     product columns (never stored), the scalar columns stored and the mixed columns through the weights."""
     name = "fused_layer_kernel"
-    writer = _KernelWriter()
+    writer = _KernelWriter(layer.first_features)
     arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
                            _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
@@ -573,9 +687,9 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     transposed mixing), V's cotangent stored and the environment's cotangent summed (pass 2, nothing of the
     product stored); then the cotangents of w and Y of the center's edges (pass 3)."""
     name = "fused_layer_backward_kernel"
-    writer = _KernelWriter()
-    arguments = ", ".join([*_backward_arguments(), "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr",
-                           "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
+    writer = _KernelWriter(layer.first_features)
+    arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
+                           "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
     in_registers = _layer_preamble(writer, layer)
     environment, product = layer.environment, layer.product
     env_names = {s: environment.operands[s].name for s in range(3)}
@@ -608,9 +722,12 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
         if column not in started:  # a path that neither the scalars nor the mixing read
             writer.emit(2, f"gt_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
     cotangent = {2: {column: f"gt_{column}" for column in range(product_columns)}}
+    grad_features = {}
     for column in range(product.operands[0].columns):
         expression = writer.terms(2, product, 0, column, product_names, {**in_registers, **cotangent})
-        _store_edge_tile(writer, 2, "grad_features", column, expression or "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
+        if expression is not None:
+            grad_features[column] = expression
+    _store_feature_cotangents(writer, 2, layer, grad_features, "1")
     for column in range(env_columns):
         expression = writer.terms(2, product, 1, column, product_names, cotangent)
         if expression is not None:
@@ -689,7 +806,7 @@ def _generate_layer_tiled(layer: FusedLayerForm, columns_per_pass: int) -> tuple
     the scalar columns (first pass, first chunk) and accumulates the mixing into (BLOCK_E, BLOCK_O) tiles of the
     chunk's output channels. Nothing but the scalars and the mixed features is written."""
     name = "fused_layer_tiled_kernel"
-    writer = _KernelWriter()
+    writer = _KernelWriter(layer.first_features)
     arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
                            _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
@@ -744,7 +861,7 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
     environment's; a last pass over the edges stores w's cotangent and this channel block's share of Y's
     (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
     name = "fused_layer_backward_tiled_kernel"
-    writer = _KernelWriter()
+    writer = _KernelWriter(layer.first_features)
     arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            *_TILED_ARGUMENTS])
     _tiled_preamble(writer)
@@ -795,9 +912,8 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
             expression = writer.terms(3, product, 1, column, product_names, cotangent, only)
             if expression is not None:
                 writer.emit(3, f"grad_env_{column} += tl.sum({expression}, axis=0)")
-    for column in range(product.operands[0].columns):
-        value = f"gf_{column}" if column in grad_features else "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)"
-        _store_edge_tile(writer, 3, "grad_features", column, value)
+    _store_feature_cotangents(writer, 3, layer, {column: f"gf_{column}" for column in sorted(grad_features)},
+                              "tl.cdiv(num_channels, BLOCK_C) + channel_start // BLOCK_C")
     for column in range(env_columns):
         writer.emit(2, f"grad_env_row_{column} = grad_env_{column}[None, :]")
 
@@ -1057,11 +1173,12 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
     if channels == 0:
         return grad_env_weights, grad_harmonics.zero_(), grad_features
     launch = layer_launch(channels, features.dtype, features.device.type)
-    blocks = -(-channels // launch.block_c)
-    if launch.tiled:  # one slice of Y's cotangent per channel block, summed below in a fixed order; stored
-        # (E, blocks, D): no stride depends on E (Triton specialises on integers divisible by 16, and precompiled
-        # kernels must fit every structure)
-        grad_harmonics = harmonics.new_empty((num_edges, blocks, harmonics.shape[1]))
+    # Slices of Y's cotangent, summed below in a fixed order: the environment's share, one per channel block of the
+    # tiled kernel; in the first layer as many again for V^0's share. Stored (E, slices, D): no stride depends on E
+    # (Triton specialises on integers divisible by 16, and precompiled kernels must fit every structure).
+    blocks = -(-channels // launch.block_c) if launch.tiled else 1
+    slices = blocks * (2 if layer.first_features else 1)
+    grad_harmonics = harmonics.new_empty((num_edges, slices, harmonics.shape[1]))
     mixed_or_any = grad_mixed if grad_mixed.numel() else grad_scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
                  harmonics, *_strides(harmonics, layer.environment.operands[1]),
@@ -1071,15 +1188,12 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
                  mixed_or_any, mixed_or_any.stride(0), mixed_or_any.stride(1),
                  grad_features, grad_features.stride(0), grad_features.stride(1),
                  grad_env_weights, grad_env_weights.stride(0), grad_env_weights.stride(1),
-                 grad_harmonics, grad_harmonics.stride(0), grad_harmonics.stride(-1)]
-    if launch.tiled:
-        arguments.append(grad_harmonics.stride(1))
-    arguments += [center_ptr, channels]
+                 grad_harmonics, grad_harmonics.stride(0), grad_harmonics.stride(2), grad_harmonics.stride(1),
+                 center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer.backward"):
         _layer_kernel(key, True, launch)[(center_ptr.numel() - 1,)](
             *arguments, **launch.constants(features.dtype, backward=True), num_warps=launch.num_warps)
-    if launch.tiled:
-        grad_harmonics = grad_harmonics[:, 0] if blocks == 1 else grad_harmonics.sum(1)
+    grad_harmonics = grad_harmonics[:, 0] if slices == 1 else grad_harmonics.sum(1)
     return grad_env_weights, grad_harmonics, grad_features
 
 
@@ -1135,7 +1249,8 @@ trilinear_slot.register_autograd(_trilinear_backward, setup_context=_trilinear_s
 def fused_layer(layer_key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                 weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused layer of a registered `FusedLayerForm`: env_weights w (E, l_max+1, n) (1/sqrt(avg neighbours)
-    folded in), harmonics Y (E, (l_max+1)^2), features V^{L-1} (E, D_in, n), stacked mixing weights
+    folded in), harmonics Y (E, (l_max+1)^2), features V^{L-1} (E, D_in, n) (in the first layer w^0 (E, l_max+1,
+    n): the kernel forms V^0 = w^0 (x) Y in registers), stacked mixing weights
     (num_weights, n, n) (normalisation folded in; (0, n, n) in the last layer), edges sorted by center with
     CSR pointers center_ptr (N + 1,). Returns (scalars (E, S, n), mixed V^L (E, D_out, n))."""
     return _launch_layer(layer_key, env_weights.contiguous(), harmonics.contiguous(), features.contiguous(),
@@ -1193,7 +1308,7 @@ def _mixing_weight_gradient(layer: FusedLayerForm, env_weights: torch.Tensor, ha
     """The cotangent of the stacked mixing weights, sum_e T^T gV per path: T is recomputed (slot kernels), the
     sums over edges are matmuls (fixed order, no atomics)."""
     environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
-    product = trilinear_slot(layer.product.key, 2, features, environment, center_ptr)
+    product = trilinear_slot(layer.product.key, 2, layer_features(layer, features, harmonics), environment, center_ptr)
     channels = features.shape[2]
     parts = []
     for group in layer.mixing:
@@ -1205,11 +1320,14 @@ def _mixing_weight_gradient(layer: FusedLayerForm, env_weights: torch.Tensor, ha
 
 def _layer_backward(ctx, grad_scalars, grad_mixed):
     """One kernel for the cotangents of w, Y and V (`fused_layer_backward`); the mixing weights' cotangent,
-    where they need one, from recomputed T (pass the weights detached when no parameter gradient can follow,
-    as in force evaluation: autograd cannot tell a custom op which of its inputs' gradients are wanted)."""
+    where this backward pass uses one, from recomputed T. Force evaluation passes the weights detached; the
+    force pass of training (autograd.grad to the positions) leaves them attached but wants no gradient for
+    them, which `gradient_wanted` asks the autograd engine (ctx.needs_input_grad says only that they require
+    grad): that pass skips the recomputation of T and its matmuls."""
     layer = _LAYERS[ctx.layer_key]
     env_weights, harmonics, features, weights, center_ptr = ctx.saved_tensors
     need_env_weights, need_harmonics, need_features, need_weights = ctx.needs_input_grad[1:5]
+    need_weights = need_weights and gradient_wanted(weights)
     if grad_scalars is None:
         first, last = layer.scalar_columns
         grad_scalars = features.new_zeros((features.shape[0], last - first, features.shape[2]))
@@ -1248,13 +1366,19 @@ def _(layer_key, env_weights, harmonics, features, weights, grad_scalars, grad_m
 def composed_layer_backward(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
                             features: torch.Tensor, weights: torch.Tensor, grad_scalars: torch.Tensor,
                             grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`fused_layer_backward` from differentiable ops (five slot kernels and matmuls): its own derivative."""
+    """`fused_layer_backward` from differentiable ops (five slot kernels and matmuls; in the first layer V^0 and
+    its cotangent's chain to w0 and Y in plain torch): its own derivative."""
+    v = layer_features(layer, features, harmonics)
     environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
-    grad_product = _product_cotangent(layer, grad_scalars, grad_mixed, weights, features)
+    grad_product = _product_cotangent(layer, grad_scalars, grad_mixed, weights, v)
     grad_features = trilinear_slot(layer.product.key, 0, environment, grad_product, center_ptr)
-    grad_environment = trilinear_slot(layer.product.key, 1, features, grad_product, center_ptr)
-    return (trilinear_slot(layer.environment.key, 0, harmonics, grad_environment, center_ptr),
-            trilinear_slot(layer.environment.key, 1, env_weights, grad_environment, center_ptr), grad_features)
+    grad_environment = trilinear_slot(layer.product.key, 1, v, grad_product, center_ptr)
+    grad_harmonics = trilinear_slot(layer.environment.key, 1, env_weights, grad_environment, center_ptr)
+    if layer.first_features:
+        grad_features, grad_first_harmonics = first_feature_cotangents(layer, grad_features, features, harmonics)
+        grad_harmonics = grad_harmonics + grad_first_harmonics
+    return (trilinear_slot(layer.environment.key, 0, harmonics, grad_environment, center_ptr), grad_harmonics,
+            grad_features)
 
 
 def _layer_backward_setup(ctx, inputs, output) -> None:

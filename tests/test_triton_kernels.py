@@ -51,8 +51,9 @@ def forms(l_max: int, parity: bool, channels: int, layer: int = 1):
     return kernels.environment_form(l_max), product
 
 
-def layer_form(l_max: int, parity: bool, channels: int, layer: int, num_layers: int = 3):
-    """The fused form of one layer, mixing into the irreps that the next layer reads (none in the last)."""
+def layer_form(l_max: int, parity: bool, channels: int, layer: int, num_layers: int = 3, first: bool | None = None):
+    """The fused form of one layer, mixing into the irreps that the next layer reads (none in the last). Layer 0
+    reads w0 and Y and forms V^0 in registers (as the model's), unless first=False (then it reads V^0 itself)."""
     from allegro_fast.kernels import tensor_product as kernels
 
     descriptions = describe_layers(num_layers, l_max, parity, channels)
@@ -60,7 +61,8 @@ def layer_form(l_max: int, parity: bool, channels: int, layer: int, num_layers: 
     grouped = _GroupedPaths(description, description.needed_paths)
     output_irreps = [] if layer == num_layers - 1 else [
         irrep for irrep in grouped.irrep_blocks if irrep in descriptions[layer + 1].irreps_in1]
-    return kernels.fused_layer_form(description, description.irreps_in1, grouped, output_irreps)
+    return kernels.fused_layer_form(description, description.irreps_in1, grouped, output_irreps,
+                                    first=layer == 0 if first is None else first)
 
 
 def operands(form, center_ptr, channels, dtype, device, generator):
@@ -75,9 +77,10 @@ def operands(form, center_ptr, channels, dtype, device, generator):
 
 
 def layer_inputs(layer, center_ptr, channels, dtype, device, generator):
-    """Random (env_weights, harmonics, features, mixing weights) for a fused layer."""
+    """Random (env_weights, harmonics, features (w0 in the first layer), mixing weights) for a fused layer."""
     weights, harmonics, _ = operands(layer.environment, center_ptr, channels, dtype, device, generator)
-    features = operands(layer.product, center_ptr, channels, dtype, device, generator)[0]
+    features = torch.randn(weights.shape[0], layer.feature_columns, channels, dtype=dtype, generator=generator)
+    features = features.to(device)
     mixing = torch.randn(layer.num_weights, channels, channels, dtype=dtype, generator=generator).to(device)
     return weights, harmonics, features, mixing
 
@@ -125,6 +128,7 @@ LAYER_CASES = [  # (l_max, parity, channels, layer of 3, dtype): first, middle a
     (3, True, 3, 2, torch.float64),
     (2, False, 17, 1, torch.float32),
     (2, True, 1, 0, torch.float64),       # one channel
+    (3, True, 2, 0, torch.float32),       # the first layer reads w0 and Y: l_max 3, a pass over 16 Y columns
 ]
 
 
@@ -292,16 +296,17 @@ def test_trilinear_gradcheck_and_gradgradcheck(device):
             if form is product and slot == 2:  # the fused layer's gradgradcheck below runs every slot's double backward
                 assert torch.autograd.gradgradcheck(op, (first, second), fast_mode=True)
 
-    layer = layer_form(1, True, channels, layer=1)
-    key = kernels.register_layer(layer)
-    inputs = tuple(t.requires_grad_(True) for t in layer_inputs(layer, center_ptr, channels, torch.float64, device,
-                                                                generator))
+    for index in (1, 0):  # a middle layer, and the first (which reads w0 and Y, not V^0)
+        layer = layer_form(1, True, channels, layer=index)
+        key = kernels.register_layer(layer)
+        inputs = tuple(t.requires_grad_(True) for t in layer_inputs(layer, center_ptr, channels, torch.float64,
+                                                                    device, generator))
 
-    def fused(w, y, v, mixing):
-        return kernels.fused_layer(key, w, y, v, mixing, center_ptr)
+        def fused(w, y, v, mixing, key=key):
+            return kernels.fused_layer(key, w, y, v, mixing, center_ptr)
 
-    assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
-    assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
+        assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
+        assert torch.autograd.gradgradcheck(fused, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -415,6 +420,62 @@ def test_triton_model_matches_reference(device, case):
         reference.eval()
         for (name, _), got, want in zip(model.named_parameters(), grads, expected):
             assert relative_error(got, want) < TOLERANCE[dtype], (name, dtype)
+
+
+def test_gradient_wanted_asks_the_engine():
+    """`gradient_wanted` is False only where the running backward pass will not use the gradient."""
+    from allegro_fast.kernels._common import gradient_wanted
+
+    answers = []
+
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return a * b
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b = ctx.saved_tensors
+            answers.append((gradient_wanted(a), gradient_wanted(b)))
+            return grad * b, grad * a
+
+    a, w = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    # 2 w is not a leaf: its grad_fn runs only where w's gradient is wanted
+    torch.autograd.grad(Product.apply(a, 2 * w).sum(), [a])
+    torch.autograd.grad(Product.apply(a, 2 * w).sum(), [w])
+    Product.apply(a, 2 * w).sum().backward()
+    assert answers == [(True, False), (True, True), (True, True)]  # a: a leaf, unknown, so True
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_force_pass_of_training_skips_the_mixing_weight_gradient(device, monkeypatch):
+    """Training computes forces with autograd.grad(energy, positions, create_graph=True): the fused layer's
+    backward then needs no mixing-weight gradient (recomputing the product T and its matmuls), and skips it;
+    the loss's backward computes it, with the same parameter gradients as when it is not skipped."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    calls = []
+    original = kernels._mixing_weight_gradient
+    monkeypatch.setattr(kernels, "_mixing_weight_gradient", lambda *args: calls.append(1) or original(*args))
+    config = small_config(num_layers=2, num_tensor_features=3)
+    model = af.Allegro(config, backend="triton").to(device=device, dtype=torch.float64).train()
+    graph = af.AtomicGraph.from_ase([periodic_cho(2)], r_max=config.r_max, dtype=torch.float64).to(device=device)
+
+    def parameter_gradients():
+        out = model(graph)
+        forward_calls = len(calls)
+        loss = out["energy"].square().sum() + out["forces"].square().sum()
+        return forward_calls, torch.autograd.grad(loss, list(model.parameters()))
+
+    forward_calls, skipped = parameter_gradients()
+    assert forward_calls == 0 and len(calls) == 1  # the first layer mixes; the last does not
+    monkeypatch.setattr(kernels, "gradient_wanted", lambda tensor: True)
+    calls.clear()
+    forward_calls, computed = parameter_gradients()
+    assert forward_calls == 1 and len(calls) == 2
+    for a, b in zip(skipped, computed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

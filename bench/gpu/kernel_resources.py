@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(TRITON_TYPES))
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
     parser.add_argument("--slots", action="store_true", help="also the slot kernels (backward's building blocks)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                        help="only the kernels whose names start with one of these (e.g. layer0 segment_sum)")
     parser.add_argument("--output", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the Triton versions we run on
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     for dtype in args.dtypes:
         for name, kernel, constexprs, warps in model_kernels(args.l_max, args.channels, args.layers,
                                                              not args.no_parity, args.slots, dtype):
+            if args.only and not name.startswith(tuple(args.only)):
+                continue
             row = {"kernel": name, "dtype": dtype, **constexprs, "arch": args.arch}
             try:
                 row.update(compile_for_gpu(kernel, dtype, constexprs, warps, args.arch))
