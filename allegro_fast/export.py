@@ -15,11 +15,13 @@ validated (atomic numbers outside the model's type_names give wrong results, not
 AtomicGraph, which checks everything. Outputs are detached: these are for inference (MD, deployment);
 training uses the eager model, whose forces can be differentiated again.
 
-What works where (torch 2.13, CPU; see the tests and the lead's README for timings):
+What works where (torch 2.11 and 2.13, CPU; see the tests and the lead's README for timings):
 
 * `compile_model(model)`: torch.compile(fullgraph=True, dynamic=True) of ForceField. Dynamo only traces
   torch.autograd.grad with ``torch._dynamo.config.trace_autograd_ops=True``, which the returned module
-  sets while it runs; outputs must not carry requires_grad (hence detached). One compiled program serves
+  sets while it runs; outputs must not carry requires_grad (hence detached). Dynamo in torch 2.11 cannot
+  trace requires_grad_, so the compiled program is `ForceField.derivatives`, and the returned module makes
+  the positions and the strain that require grad (`ForceField.leaves`) before each call. One compiled program serves
   any number of atoms and edges; a new number of structures B specializes (B = 1 is always special).
   The wrapper computes the torch backend's neighbour-slot count K before each call (`slot_template`) and
   passes it as a symbolic size, so the program runs the slot layout, as eager calls do, for every K; on
@@ -129,13 +131,36 @@ class ForceField(nn.Module):
         """``slots``: None, or an empty tensor of shape (K,) that fixes the torch backend's neighbour-slot
         count K (see `slot_template`); a size rather than an int, so that traced programs keep K symbolic and
         serve every K. Without it, traced programs use the edge-list layout."""
-        model = self.model
-        dtype = model.dtype
-        num_structures = cell.shape[0]
+        positions, strain, cell = self.leaves(positions, cell)
+        return self.derivatives(positions, strain, cell, atomic_numbers, edge_index, edge_shift, batch, slots)
+
+    def leaves(self, positions: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, strain, cell) in the model's dtype, cut from the caller's graph; positions and the zero
+        strain (B, 3, 3) require grad: the tensors that `derivatives` differentiates the energy with respect to."""
+        dtype = self.model.dtype
         with torch.enable_grad():
             positions = positions.detach().to(dtype).requires_grad_(True)
             cell = cell.detach().to(dtype)
             strain = torch.zeros_like(cell).requires_grad_(True)
+        return positions, strain, cell
+
+    def derivatives(
+        self,
+        positions: torch.Tensor,
+        strain: torch.Tensor,
+        cell: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_shift: torch.Tensor,
+        batch: torch.Tensor,
+        slots: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`forward` given the leaves that `leaves` makes. torch.compile traces this method, not `forward`:
+        Dynamo in torch 2.11 cannot trace requires_grad_ (nor a factory with requires_grad=True), so the
+        tensors that autograd.grad differentiates with respect to are made outside the compiled program."""
+        model = self.model
+        num_structures = cell.shape[0]
+        with torch.enable_grad():
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             strained_positions = positions + torch.bmm(positions.unsqueeze(1), symmetric[batch]).squeeze(1)
             strained_cell = cell + torch.bmm(cell, symmetric)
@@ -201,9 +226,11 @@ class CompiledForceField(nn.Module):
     def forward(self, *inputs) -> dict[str, torch.Tensor]:
         if len(inputs) == 1 and isinstance(inputs[0], AtomicGraph):
             inputs = graph_inputs(inputs[0])
-        slots = slot_template(self.force_field.model, inputs[3], inputs[0].shape[0])
+        positions, cell, *rest = inputs
+        slots = slot_template(self.force_field.model, rest[1], positions.shape[0])
+        positions, strain, cell = self.force_field.leaves(positions, cell)
         with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return self._compiled(*inputs, slots=slots)
+            return self._compiled(positions, strain, cell, *rest, slots=slots)
 
 
 def compile_model(
@@ -219,8 +246,9 @@ def compile_model(
     number of structures, or for new sizes when dynamic=False). ``backend``, ``mode`` and ``options`` go
     to torch.compile (e.g. backend="aot_eager" traces without code generation)."""
     force_field = ForceField(model.eval())
-    compiled = torch.compile(force_field, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode,
-                             options=options)
+    # the method, not the module: its inputs already require grad (see ForceField.derivatives)
+    compiled = torch.compile(force_field.derivatives, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
+                             mode=mode, options=options)
     return CompiledForceField(force_field, compiled)
 
 
