@@ -161,28 +161,31 @@ class ForceField(nn.Module):
         model = self.model
         num_structures = cell.shape[0]
         with torch.enable_grad():
-            symmetric = 0.5 * (strain + strain.transpose(1, 2))
-            strained_positions = positions + torch.bmm(positions.unsqueeze(1), symmetric[batch]).squeeze(1)
-            strained_cell = cell + torch.bmm(cell, symmetric)
-            # CSR row pointers of the edges (sorted by center), for backends that need them
+            # CSR row pointers of the edges (sorted by center) and of the atoms (sorted by structure)
             atom_range = torch.arange(positions.shape[0] + 1, device=positions.device, dtype=edge_index.dtype)
             center_ptr = torch.searchsorted(edge_index[0].contiguous(), atom_range)
+            structure_range = torch.arange(num_structures + 1, device=positions.device, dtype=batch.dtype)
+            num_atoms = torch.searchsorted(batch.contiguous(), structure_range).diff()
             graph = _TracedGraph(
-                positions=strained_positions, atomic_numbers=atomic_numbers, edge_index=edge_index,
-                edge_shift=edge_shift, cell=strained_cell, pbc=torch.ones_like(cell[:, 0], dtype=torch.bool),
-                batch=batch, num_atoms=torch.zeros_like(cell[:, 0, 0], dtype=torch.int64), center_ptr=center_ptr,
-                r_max=self.r_max,
+                positions=positions, atomic_numbers=atomic_numbers, edge_index=edge_index, edge_shift=edge_shift,
+                cell=cell, pbc=torch.ones_like(cell[:, 0], dtype=torch.bool), batch=batch, num_atoms=num_atoms,
+                center_ptr=center_ptr, r_max=self.r_max,
             )
             if slots is not None:
                 graph.fixed_slots = slots.shape[0]
+            # The gathers and sums over atoms and structures are the model's own: the triton backend's run in a
+            # fixed order (segment sums), so its energies, forces and stress repeat bitwise on CUDA here too.
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            graph.positions = positions + torch.bmm(positions.unsqueeze(1),
+                                                    model.per_atom(symmetric, graph)).squeeze(1)
+            graph.cell = cell + torch.bmm(cell, symmetric)
             species = model.type_of_atomic_number[atomic_numbers]
-            edge_vectors = graph.edge_vectors(strained_positions, strained_cell)
+            edge_vectors = model.edge_vectors(graph, graph.positions, graph.cell)
             atomic_energy = model.atomic_energies(edge_vectors, species, graph)
             if num_structures == 1:  # a plain sum: inductor's CPU code for a scatter into one element fails
                 energy = atomic_energy.sum().unsqueeze(0)
             else:
-                energy = torch.zeros(num_structures, dtype=atomic_energy.dtype, device=atomic_energy.device)
-                energy = energy.index_add(0, batch, atomic_energy)
+                energy = model.sum_to_structures(atomic_energy, graph)
             position_grad, strain_grad = torch.autograd.grad(energy.sum(), [positions, strain],
                                                              create_graph=self.create_graph)
         # |a . (b x c)|: elementwise, unlike linalg.det, which AOTInductor has no C shim for

@@ -147,3 +147,28 @@ def test_triton_model_repeats_bitwise(device):
     second = model(graph, compute_stress=True)
     for key in ("energy", "atomic_energy", "forces", "stress"):
         assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_force_field_adds_in_a_fixed_order(device):
+    """export.ForceField, the program that compile_model, torch.export and compiled training trace, uses the
+    triton backend's fixed-order sums too: no accumulation at repeated indices in the energies, forces and
+    stress of a batch, nor in the parameter gradients of a force loss through them (create_graph)."""
+    from allegro_fast.export import ForceField, graph_inputs
+
+    torch.manual_seed(0)
+    config = small_config(num_layers=2, num_tensor_features=3, per_edge_species_scale=True)
+    model = af.Allegro(config, backend="triton").double().to(device)
+    graph = af.AtomicGraph.from_ase([periodic_cho(1), ethanol(2), lonely_and_pair()], r_max=config.r_max)
+    graph = graph.to(device=device, dtype=torch.float64)
+    expected = model(graph, compute_stress=True, create_graph=False)
+    for create_graph in (False, True):
+        force_field = ForceField(model, create_graph=create_graph)
+        with AccumulatingOps() as recorded:
+            out = force_field(*graph_inputs(graph))
+            if create_graph:
+                (out["energy"].sum() + out["forces"].square().sum() + out["stress"].square().sum()).backward()
+        assert not [op for op in recorded.ops if op[2]], (create_graph, recorded.ops)
+        for key in ("energy", "forces", "stress"):
+            torch.testing.assert_close(out[key].detach(), expected[key].detach(), rtol=1e-10, atol=1e-12)
