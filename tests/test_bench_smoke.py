@@ -71,11 +71,14 @@ def test_kernel_profile_times_the_tiled_layer_kernels_on_request(tmp_path, thres
     times n = 32 both ways), and every triton layer row says which kernels ran. Under the interpreter: one call."""
     output = tmp_path / "profile.json"
     option = [] if threshold is None else ["--bench-tile-channels-above", str(threshold)]
+    # without the PYTEST_XDIST_* variables of an xdist worker, under which pytest-benchmark writes no JSON
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    environment["TRITON_INTERPRET"] = "1"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/kernels", "--bench-sizes", "quick",
          "--bench-device", "cpu", "--bench-ops", "layer", "--bench-providers", "triton", "--bench-dtypes", "float32",
          *option, "-k", "middle and n8 and l1 and forward", "--benchmark-json", str(output)],
-        capture_output=True, text=True, cwd=REPO, check=False, env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, cwd=REPO, check=False, env=environment,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(output.read_text())["benchmarks"]
