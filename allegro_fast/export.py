@@ -229,8 +229,8 @@ class CompiledForceField(nn.Module):
     def forward(self, *inputs) -> dict[str, torch.Tensor]:
         if len(inputs) == 1 and isinstance(inputs[0], AtomicGraph):
             inputs = graph_inputs(inputs[0])
+        slots = slot_template(self.force_field.model, inputs[3], inputs[0].shape[0])
         positions, cell, *rest = inputs
-        slots = slot_template(self.force_field.model, rest[1], positions.shape[0])
         positions, strain, cell = self.force_field.leaves(positions, cell)
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             return self._compiled(positions, strain, cell, *rest, slots=slots)
