@@ -12,6 +12,7 @@
 #   bash bench/gpu/fetch_wheels.sh --python 312 --no-scipy
 #   run(command="bash bench/gpu/run_suite.sh", carry=[".wheels"], timeout_s=600)
 set -uo pipefail
+export ALLEGRO_SUITE_STARTED=${ALLEGRO_SUITE_STARTED:-$(date +%s)}  # suite.py's budget counts the install too
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
 out=${OUT:-suite-out}

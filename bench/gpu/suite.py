@@ -8,9 +8,11 @@ package first); directly:
     bash bench/gpu/run_suite.sh --only cuda_tests roofline    # a second call: the stages the first had no time for
     bash bench/gpu/run_suite.sh --only cuda_tests_heavy       # the CUDA tests whose kernels take minutes to compile
 
-Every stage runs in its own subprocess with a timeout taken from the remaining budget (--budget seconds,
-default 540, so that one device call of 10 minutes holds the install and the suite); a stage that fails or
-runs out of time is recorded with its error and the next one runs. Stages, in order of priority:
+Every stage runs in its own subprocess (and process group, killed whole on timeout) with a timeout taken from
+the remaining budget (--budget seconds, default 560, counted from run_suite.sh's start so that one device call
+of 10 minutes holds the install, the suite and the archive); a stage that fails or runs out of time is recorded
+with its error and the next one runs. The summary and the merged results are written into the out folder after
+every stage, so a run killed from outside still brings back what finished. Stages, in order of priority:
 
     environment      nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast
     e2e_headline     the issue's first target: Ag 32000 atoms, energy + forces, triton and triton-compiled against
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -52,12 +55,57 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+# The files of the out folder (at most 8 come back from the device tool): name in the work folder -> name there
+PUBLISHED = (("summary.txt", "summary.txt"), ("summary.json", "summary.json"), ("e2e.json", "e2e.json"),
+             ("kernels.json", "kernels.json"), ("roofline.json", "roofline.json"),
+             ("e2e-latency.png", "latency.png"), ("e2e-speedup.png", "speedup.png"))
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Kill a stage and everything it started (its own process group: pytest-xdist workers, bench_cli's isolated
+    providers), so that nothing of a timed-out stage runs on beside the next one."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.wait()
+
+
 class Suite:
-    def __init__(self, work: Path, budget: float, only: list[str] | None = None) -> None:
+    def __init__(self, work: Path, out: Path, budget: float, only: list[str] | None = None,
+                 started: float | None = None, header: dict | None = None) -> None:
+        """`budget` seconds from `started` (a time.time(); run_suite.sh passes its own start, so that the install
+        counts too) or from now."""
         self.work = work
+        self.out = out
         self.only = only
-        self.deadline = time.monotonic() + budget
+        spent = max(0.0, time.time() - started) if started else 0.0
+        self.deadline = time.monotonic() + budget - spent
+        self.header = header or {}
         self.stages: list[dict] = []
+
+    def add(self, stage: dict) -> None:
+        """Record a stage and publish what is known so far."""
+        self.stages.append(stage)
+        self.publish()
+
+    def publish(self) -> None:
+        """Write the summary and the merged results so far into the out folder after every stage: a run killed
+        from outside (the device tool's limit) still brings back everything that finished."""
+        merged = merge_e2e(self.work)
+        if merged:
+            (self.work / "e2e.json").write_text(json.dumps(merged, indent=1))
+        kernels = merge_kernel_profiles(self.work)
+        if kernels:
+            (self.work / "kernels.json").write_text(json.dumps(kernels, indent=0))
+        summary = {**self.header, "stages": self.stages}
+        (self.work / "summary.json").write_text(json.dumps(summary, indent=1))
+        details = "\n\n".join(f"--- {s['stage']} ({s['status']})\n" + "\n".join(s.get("log_tail", []))
+                               for s in self.stages if s.get("log_tail"))
+        (self.work / "summary.txt").write_text(table(self.stages) + "\n\n" + details + "\n")
+        for name, target in PUBLISHED:
+            if (self.work / name).exists():
+                shutil.copyfile(self.work / name, self.out / target)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -69,11 +117,11 @@ class Suite:
         stage = {"stage": name, "command": " ".join(command), "timeout_s": round(max(timeout, 0), 1)}
         if self.only and not any(name.startswith(prefix) for prefix in self.only):
             stage.update(status="skipped", error="not selected (--only)")
-            self.stages.append(stage)
+            self.stages.append(stage)  # not published: nothing changed
             return stage
         if timeout < 10:
             stage.update(status="skipped", error="no time left in the budget")
-            self.stages.append(stage)
+            self.add(stage)
             print(f"== {name}: skipped (no time left)", flush=True)
             return stage
         log_path = self.work / f"{name}.log"
@@ -81,11 +129,16 @@ class Suite:
         begin = time.monotonic()
         try:
             with open(log_path, "w") as log:
-                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO,
-                                        env={**os.environ, **(env or {})}, check=False)
-            stage["returncode"] = result.returncode
-            no_tests = result.returncode == 5 and "pytest" in command  # pytest: nothing collected or selected
-            stage["status"] = "ok" if result.returncode == 0 or no_tests else "failed"
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                           env={**os.environ, **(env or {})}, process_group=0)
+                try:
+                    returncode = process.wait(timeout=timeout)
+                except BaseException:
+                    _stop(process)
+                    raise
+            stage["returncode"] = returncode
+            no_tests = returncode == 5 and "pytest" in command  # pytest: nothing collected or selected
+            stage["status"] = "ok" if returncode == 0 or no_tests else "failed"
         except subprocess.TimeoutExpired:
             stage.update(status="timeout", error=f"killed after {timeout:.0f} s")
         except OSError as error:
@@ -96,7 +149,7 @@ class Suite:
         if stage["status"] == "failed" and "error" not in stage:
             stage["error"] = next((line for line in reversed(tail) if line.strip()), f"exit {stage.get('returncode')}")[:300]
         stage["outputs"] = [o for o in outputs if (self.work / o).exists()]
-        self.stages.append(stage)
+        self.add(stage)
         print(f"   {stage['status']} in {stage['seconds']} s" + (f": {stage.get('error', '')}" if stage["status"] != "ok" else ""),
               flush=True)
         return stage
@@ -108,7 +161,7 @@ class Suite:
             return None
         print(f"== {name} (in the background): {' '.join(command)}", flush=True)
         log = open(self.work / f"{name}.log", "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, process_group=0)
         process.began, process.log, process.command = time.monotonic(), log, command
         return process
 
@@ -122,8 +175,7 @@ class Suite:
             stage["returncode"] = process.returncode
             stage["status"] = "ok" if process.returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            _stop(process)
             stage.update(status="timeout", error="killed: no time left in the budget")
         process.log.close()
         stage["seconds"] = round(time.monotonic() - process.began, 1)
@@ -131,7 +183,7 @@ class Suite:
         if stage["status"] == "failed":
             stage["error"] = next((line for line in reversed(stage["log_tail"]) if line.strip()), "failed")[:300]
         stage["outputs"] = [o for o in outputs if (self.work / o).exists()]
-        self.stages.append(stage)
+        self.add(stage)
         print(f"   {name}: {stage['status']} in {stage['seconds']} s", flush=True)
 
     def record(self, name: str, function) -> None:
@@ -144,7 +196,7 @@ class Suite:
         except Exception as error:  # recorded in the table, never fatal
             stage.update(status="failed", error=f"{type(error).__name__}: {error}")
         stage["seconds"] = round(time.monotonic() - begin, 1)
-        self.stages.append(stage)
+        self.add(stage)
 
 
 def environment(device: str) -> dict:
@@ -217,7 +269,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "suite-out")))
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (dry run)")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
+    parser.add_argument("--budget", type=float, default=560.0,
+                        help="seconds for all stages together, counted from --started")
+    parser.add_argument("--started", type=float, default=float(os.environ.get("ALLEGRO_SUITE_STARTED", 0)) or None,
+                        help="when the run began (seconds since the epoch; run_suite.sh passes its own start, so its "
+                             "install counts against the budget); default: now")
     parser.add_argument("--keep-work", action="store_true")
     parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
                         help="run only the stages whose names start with these, e.g. --only kernels e2e_models")
@@ -229,7 +285,8 @@ def main(argv=None) -> int:
     cuda = device == "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="allegro_suite_"))
-    suite = Suite(work, args.budget, args.only)
+    suite = Suite(work, args.out, args.budget, args.only, args.started,
+                  header={"device": device, "quick": args.quick, "budget_s": args.budget})
     python = sys.executable
     quick = ["--quick"] if args.quick else []
 
@@ -319,31 +376,16 @@ def main(argv=None) -> int:
                                  "--warmup", "3", "--output", str(work / "e2e-models.json")], 300,
                   outputs=("e2e-models.json",))
 
-    merged = merge_e2e(work)
-    if merged:
-        (work / "e2e.json").write_text(json.dumps(merged, indent=1))
+    if (work / "e2e.json").exists():  # merged by every stage's publish
         suite.run("plots", [python, "bench/plot.py", str(work / "e2e.json"), str(work / "roofline.json")
                             if (work / "roofline.json").exists() else str(work / "e2e.json"), "--out", str(work)], 60)
     if cuda:  # last: minutes of compiling (the l_max 3 channel-tiled backward); alone: --only cuda_tests_heavy
         suite.run("cuda_tests_heavy", [python, "-m", "pytest", "-q", "-m", "cuda and compile_heavy", "tests", "-p",
                                        "no:cacheprovider", *parallel], 420)
-    suite.record("kernel_rows", lambda: len(merge_kernel_profiles(work)))
-    (work / "kernels.json").write_text(json.dumps(merge_kernel_profiles(work), indent=0))
-
-    summary = {"device": device, "quick": args.quick, "budget_s": args.budget, "stages": suite.stages}
-    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    suite.record("kernel_rows", lambda: len(merge_kernel_profiles(work)))  # publishes the final summary
     text = table(suite.stages)
-    details = "\n\n".join(f"--- {s['stage']} ({s['status']})\n" + "\n".join(s.get("log_tail", [])) for s in suite.stages
-                          if s.get("log_tail"))
-    (work / "summary.txt").write_text(text + "\n\n" + details + "\n")
-
     with tarfile.open(args.out / "suite.tar.gz", "w:gz") as archive:
         archive.add(work, arcname="suite")
-    for name, target in (("summary.txt", "summary.txt"), ("summary.json", "summary.json"), ("e2e.json", "e2e.json"),
-                         ("kernels.json", "kernels.json"), ("roofline.json", "roofline.json"),
-                         ("e2e-latency.png", "latency.png"), ("e2e-speedup.png", "speedup.png")):
-        if (work / name).exists():
-            shutil.copyfile(work / name, args.out / target)
     if args.keep_work:
         shutil.copytree(work, args.out / "work", dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
