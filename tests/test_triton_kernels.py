@@ -537,7 +537,7 @@ def _gpu_toolchain_missing() -> str | None:
 @pytest.mark.skipif(_gpu_toolchain_missing() is not None, reason=str(_gpu_toolchain_missing()))
 def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     """The interpreter accepts what a GPU rejects (tl.dot below 16, some dtypes): compile every generated
-    kernel of a small model (layer forward and backward, all slots, the segment sums) for sm_90 with Triton's own toolchain at
+    kernel of a small model (layer forward and backward, all slots, the segment sums, the edge geometry) for sm_90 with Triton's own toolchain at
     the launchers' block sizes and warps, float32 and float64 (`bench/gpu/kernel_resources.py`, in a process
     without TRITON_INTERPRET)."""
     import json
@@ -554,8 +554,9 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(output.read_text())
-    # dtypes x (3 segment sums + layers x (forward, backward, 3 slots of 2 forms))
-    assert len(rows) == 2 * (3 + 2 * (2 + 6))
+    # dtypes x (3 segment sums + 3 edge geometry + layers x (forward, backward, 3 slots of 2 forms))
+    assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6))
+    assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
 
 

@@ -59,14 +59,15 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
 
 
 def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool, dtype: str):
-    """(name, kernel, constexprs, num_warps) of every generated kernel an Allegro model launches on CUDA, with
-    the launchers' own block sizes (`kernels.layer_launch`: the channel-tiled layer kernels above 32 channels)."""
+    """(name, kernel, constexprs, num_warps) of every generated kernel an Allegro model launches on CUDA (segment sums,
+    edge geometry, layers), with the launchers' own block sizes (`kernels.layer_launch`: the channel-tiled layer kernels above 32 channels)."""
     import torch
 
-    import allegro_fast as af
-    from allegro_fast.kernels import tensor_product as kernels
+    import triton
 
-    from allegro_fast.kernels import segments
+    import allegro_fast as af
+    from allegro_fast.kernels import edge_geometry, segments
+    from allegro_fast.kernels import tensor_product as kernels
 
     # the sums to atoms (energies: 1 column; cell gradients: 9) and to structures (long segments)
     for columns, rows in ((1, segments.BLOCK_ROWS), (9, segments.BLOCK_ROWS), (1, segments.BLOCK_ROWS_LONG)):
@@ -74,6 +75,15 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
                {"BLOCK_R": rows, "BLOCK_C": 1 << (columns - 1).bit_length()}, 4)
     config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
                               parity=parity)
+    # the edge geometry (Bessel basis, envelope, harmonics) and its backward, with and without the frequencies'
+    # gradient (trainable Bessel frequencies in training)
+    geometry = {"BLOCK_E": edge_geometry._block_size(torch.device("cuda")),
+                "BLOCK_B": triton.next_power_of_2(config.num_bessels)}
+    arguments = (l_max, config.polynomial_p, config.r_max)
+    yield "edge_geometry.forward", edge_geometry._kernel(*arguments, False), geometry, 4
+    for frequency_grad in (False, True):
+        yield (f"edge_geometry.backward{'.frequencies' if frequency_grad else ''}", edge_geometry._kernel(*arguments, True),
+               {**geometry, "FREQUENCY_GRAD": frequency_grad}, 4)
     model = af.Allegro(config, backend="torch")
     launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda")
     for index, key in enumerate(model._triton_forms()):
