@@ -529,6 +529,9 @@ def versions() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty); ALLEGRO_FAST_COMMIT where the checkout has no .git (the device tool copies only the tree)."""
+    if os.environ.get("ALLEGRO_FAST_COMMIT"):
+        return os.environ["ALLEGRO_FAST_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, cwd=REPO).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, capture_output=True,

@@ -11,29 +11,32 @@ package first); directly:
 Every stage runs in its own subprocess (and process group, killed whole on timeout) with a timeout taken from
 the remaining budget (--budget seconds, default 560, counted from run_suite.sh's start so that one device call
 of 10 minutes holds the install, the suite and the archive); a stage that fails or runs out of time is recorded
-with its error and the next one runs. The summary and the merged results are written into the out folder after
-every stage, so a run killed from outside still brings back what finished. Stages, in order of priority:
+with its error and the next one runs. The summary, the merged results and the archive of every log are written into
+the out folder after every stage, so a run killed from outside still brings back what finished. Stages, in order
+of priority (the first four fit one 10-minute call on a bare H200 machine, by their caps):
 
-    environment      nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast
-    e2e_headline     the issue's first target: Ag 32000 atoms, energy + forces, triton and triton-compiled against
-                     nequip-triton-aoti (AOTInductor + its Triton kernel, nequip's fastest inference path; minutes
-                     of compiling)
-    e2e_training     the issue's second and third: a training step on Ag 2048 atoms (time, peak memory), triton and
-                     triton-compiled against nequip eager and nequip-compiled (its train-time compile)
-    precompile_rmd17 (CUDA, in the background from here on) the rMD17 model's kernels into Triton's disk cache
-    cuda_tests       python -m pytest -m "cuda and not compile_heavy" tests   (CPU dry run: -m cuda, skipped)
-    roofline         bench/roofline.py
-    e2e_default      end to end, default model, every case (allegro_fast.bench_cli)
-    kernels_<op>     pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
+    environment        nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast, commit
+    cuda_tests         python -m pytest -m "cuda and not compile_heavy" tests, in parallel processes (CPU dry
+                       run: -m cuda, all skipped); meanwhile, in the background, precompile_default: the default
+                       model's kernels for the timed stages (CUDA)
+    e2e_headline       the issue's first target: Ag 32000 atoms, energy + forces, triton against nequip-triton
+                       (eager with nequip-allegro's Triton kernel) and nequip-triton-aoti (AOTInductor + that kernel,
+                       its fastest inference path; minutes of compiling)
+    e2e_training       the issue's second and third: a training step on Ag 2048 atoms (time, peak memory), triton
+                       against nequip eager; from here on precompile_rmd17 (CUDA) compiles the rMD17 model's kernels
+                       in the background
+    roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline
+    e2e_default        end to end, default model, every case (allegro_fast.bench_cli)
+    kernels_<op>       pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
     kernels_layer_tiled_float32  the n = 32 middle layer again with the channel-tiled kernels (the threshold's data)
-    e2e_models       end to end, the speed and rMD17 models (after waiting for precompile_rmd17)
-    cuda_tests_heavy the CUDA tests marked compile_heavy (minutes of ptxas; CUDA only)
-    plots            bench/plot.py
+    e2e_models         end to end, the speed and rMD17 models (after waiting for precompile_rmd17)
+    plots              bench/plot.py
+    cuda_tests_heavy   the CUDA tests marked compile_heavy (minutes of ptxas; CUDA only)
 
 Out folder (at most 8 files, as the device tool brings back): summary.txt (the final table and every
 stage's last lines), summary.json (stages, timings, errors), e2e.json (all end-to-end rows merged),
 kernels.json (all kernel-profile rows, compact), roofline.json, latency.png, speedup.png, and suite.tar.gz
-with every log, raw JSON and figure. --keep-work also leaves the working folder in <out>/work.
+with every log, raw JSON and figure so far. --keep-work also leaves the working folder in <out>/work.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class Suite:
         for name, target in PUBLISHED:
             if (self.work / name).exists():
                 shutil.copyfile(self.work / name, self.out / target)
+        archive_path = self.work.with_name(self.work.name + ".tar.gz")  # every log and raw JSON so far
+        with tarfile.open(archive_path, "w:gz") as archive:
+            archive.add(self.work, arcname="suite")
+        shutil.copyfile(archive_path, self.out / "suite.tar.gz")  # built outside: the out folder holds 8 files
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -220,9 +227,9 @@ def environment(device: str) -> dict:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=False)
         info["nvidia_smi"] = smi.stdout.strip()
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                                        check=False).stdout.strip() or None
+    try:  # the device tool copies the working tree without .git: run_suite.sh's caller names the commit
+        info["commit"] = os.environ.get("ALLEGRO_FAST_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip() or None
     except OSError:
         info["commit"] = None
     info["device"] = device
@@ -299,45 +306,57 @@ def main(argv=None) -> int:
                              "log_tail": text.strip().splitlines()[-15:]})
     suite.record("environment", lambda: environment(device))
     e2e = [python, "-m", "allegro_fast.bench_cli", "--device", device, "--no-roofline"]
-    # The issue's targets first, on an idle machine (nothing compiles in the background while they are timed; the
-    # triton providers' own kernels compile before their timed calls): energy + forces of 32000 atoms of Ag against
-    # nequip-allegro's fastest inference path, and a training step against both of its training paths. The triton
-    # rows of inference jobs carry force_error_vs_torch, a check of the numbers timed should the CUDA tests not run.
     full = cuda and not args.quick
-    targets = ["--repeats", "10", "--warmup", "3"] if full else ["--quick", "--no-isolate", "--threads", "1"]
-    suite.run("e2e_headline", [*e2e, *targets, "--timeout", "240", "--jobs", "ag32k:default:inference" if full
-                               else "ag32:default:inference", "--providers", "triton", "nequip-triton-aoti",
-                               "triton-compiled", "--output", str(work / "e2e-headline.json")], 270,
-              outputs=("e2e-headline.json",))
-    suite.run("e2e_training", [*e2e, *targets, "--timeout", "200", "--jobs", "ag2048:default:train" if full
-                               else "ag32:default:train", "--providers", "triton", "nequip", "triton-compiled",
-                               "nequip-compiled", "--output", str(work / "e2e-training.json")], 240,
-              outputs=("e2e-training.json",))
-
     # Compiling the generated kernels (one CPU core each, minutes in all) dominates the CUDA tests: with pytest-xdist
     # (carried by fetch_wheels.sh) they run in parallel processes sharing Triton's disk cache.
-    parallel = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
-    # The rMD17 model's kernels (l_max 3, 128 channels: minutes of ptxas each) compile in the background from here on,
-    # in parallel processes on the cores the CUDA tests leave, into Triton's disk cache, where e2e_models finds them.
+    parallel = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+
+    # 1. Correctness on this device first. Meanwhile the default model's kernels (energy + forces and a force-training
+    # step, float32) compile into Triton's disk cache on the cores the tests leave, for the timed stages after them.
     precompiling = None
-    if cuda and not args.quick:
-        precompiling = suite.start("precompile_rmd17", [
-            python, "-m", "allegro_fast.kernels.precompile", "--preset", "rmd17", "--type-names", "C", "H", "O",
-            "--training", "--processes", str(max(2, (os.cpu_count() or 2) - 8)),
-            "--output", str(work / "precompile-rmd17.json")], needed_by="e2e_models")
-    if cuda:
-        # Every generated kernel (slots and fused layers of many configurations) compiles once here: minutes. The
-        # tests marked compile_heavy (minutes of ptxas each) run in the last stage, cuda_tests_heavy.
+    if full:
+        precompiling = suite.start("precompile_default", [
+            python, "-m", "allegro_fast.kernels.precompile", "--preset", "default", "--type-names", "Ag", "--training",
+            "--processes", "4", "--output", str(work / "precompile-default.json")], needed_by="e2e_headline")
+    if cuda:  # the tests marked compile_heavy (minutes of ptxas each) run in the last stage, cuda_tests_heavy
         suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda and not compile_heavy", "tests", "-p",
-                                 "no:cacheprovider", *parallel], 200)
+                                 "no:cacheprovider", *parallel], 150)
     else:
         suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider",
                                  *parallel], 60, env={"OMP_NUM_THREADS": "1"})
+    suite.finish("precompile_default", precompiling, outputs=("precompile-default.json",))
 
-    roofline = [python, "bench/roofline.py", "--device", device, "--output", str(work / "roofline.json")]
+    # 2. The issue's targets, with nothing else running: energy + forces of 32000 atoms of Ag against nequip-allegro's
+    # Triton kernel, eager and in its fastest inference path (AOTInductor, minutes of compiling, hence last), and a
+    # training step against its training path (eager). The triton rows of inference jobs carry
+    # force_error_vs_torch, a check of the numbers timed should the CUDA tests not have passed.
+    targets = ["--repeats", "10", "--warmup", "3"] if full else ["--quick", "--no-isolate", "--threads", "1"]
+    suite.run("e2e_headline", [*e2e, *targets, "--timeout", "150", "--jobs", "ag32k:default:inference" if full
+                               else "ag32:default:inference", "--providers", "triton", "nequip-triton",
+                               "nequip-triton-aoti", "--output", str(work / "e2e-headline.json")], 220,
+              outputs=("e2e-headline.json",))
+    suite.run("e2e_training", [*e2e, *targets, "--timeout", "80", "--jobs", "ag2048:default:train" if full
+                               else "ag32:default:train", "--providers", "triton", "nequip",
+                               "--output", str(work / "e2e-training.json")], 100,
+              outputs=("e2e-training.json",))
+
+    # The rMD17 model's kernels (l_max 3, 128 channels: minutes of ptxas each) compile in the background from here on,
+    # in parallel processes, into Triton's disk cache, where e2e_models finds them.
+    precompiling = None
+    if full:
+        precompiling = suite.start("precompile_rmd17", [
+            python, "-m", "allegro_fast.kernels.precompile", "--preset", "rmd17", "--type-names", "C", "H", "O",
+            "--training", "--processes", str(max(2, (os.cpu_count() or 2) - 4)),
+            "--output", str(work / "precompile-rmd17.json")], needed_by="e2e_models")
+
+    # 3. The fused layer's fraction of its roofline (float32 first; float64 in the kernel profiles)
+    roofline = [python, "bench/roofline.py", "--device", device, "--output", str(work / "roofline.json"),
+                "--dtypes", "float32", "--providers", "triton-kernel", "triton", "torch"]
     if args.quick or not cuda:
-        roofline += ["--edges", "1024", "--repeats", "3", "--dtypes", "float32"]
-    suite.run("roofline", roofline, 120, outputs=("roofline.json",))
+        roofline += ["--edges", "1024", "--repeats", "3"]
+    suite.run("roofline", roofline, 90, outputs=("roofline.json",))
+
+    # 4. Everything else, as far as the budget goes (a second call: --only with the stages named)
 
     # The default model on every case, against nequip's eager, Triton and cuEquivariance paths and the reference
     if args.quick:
@@ -371,7 +390,7 @@ def main(argv=None) -> int:
                    ("--bench-providers", "triton", "--bench-tile-channels-above", "0", "-k", point))
 
     suite.finish("precompile_rmd17", precompiling, outputs=("precompile-rmd17.json",))
-    if not args.quick:
+    if full:
         suite.run("e2e_models", [*e2e, "--timeout", "240", "--models", "speed", "rmd17", "--repeats", "10",
                                  "--warmup", "3", "--output", str(work / "e2e-models.json")], 300,
                   outputs=("e2e-models.json",))
@@ -384,8 +403,6 @@ def main(argv=None) -> int:
                                        "no:cacheprovider", *parallel], 420)
     suite.record("kernel_rows", lambda: len(merge_kernel_profiles(work)))  # publishes the final summary
     text = table(suite.stages)
-    with tarfile.open(args.out / "suite.tar.gz", "w:gz") as archive:
-        archive.add(work, arcname="suite")
     if args.keep_work:
         shutil.copytree(work, args.out / "work", dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
