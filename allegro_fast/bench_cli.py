@@ -61,6 +61,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -248,6 +249,46 @@ def timed_calls(step, warmup: int, repeats: int, device) -> tuple[list[float], d
     return times, memory
 
 
+def host_profile(step, calls: int, device, top: int = 15) -> dict:
+    """Where a call's time goes on the host, after the timed calls: `calls` more calls under torch.profiler (CPU, and
+    CUDA where there), per call: wall time (profiled, so above the timed median), time inside profiled ops (their
+    self CPU time; the rest is Python and the autograd engine between them), kernel launches (runtime and driver
+    API, Triton's included), the GPU's kernel time, and the ops with the most self CPU time. Up to ~80k edges every
+    provider on an H200 sat on a floor of ~6-9 ms per call that did not grow with the system: this says why."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for _ in range(calls):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = 1000 * (time.perf_counter() - begin) / calls
+    events = profiler.key_averages()
+
+    def device_us(event) -> float:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    launches = sum(e.count for e in host if re.match(r"^(cuda|cu)LaunchKernel", e.key))
+    ops = sorted((e for e in host if not e.key.startswith(("cuda", "cu"))), key=lambda e: -e.self_cpu_time_total)
+    return {"calls": calls, "wall_ms_per_call": round(wall_ms, 3),
+            "ops_self_cpu_ms_per_call": round(sum(e.self_cpu_time_total for e in ops) / 1000 / calls, 3),
+            "runtime_api_ms_per_call": round(sum(e.self_cpu_time_total for e in host if e.key.startswith(("cuda", "cu")))
+                                             / 1000 / calls, 3),
+            "kernel_launches_per_call": launches / calls,
+            "gpu_kernel_ms_per_call": round(sum(device_us(e) for e in events if e.device_type == DeviceType.CUDA)
+                                            / 1000 / calls, 3) if cuda else None,
+            "top_ops": [{"op": e.key, "calls_per_call": e.count / calls,
+                         "self_cpu_us_per_call": round(e.self_cpu_time_total / calls, 1)} for e in ops[:top]]}
+
+
 # ------------------------------------------------------------------------------------------------
 # worker: our providers, in a subprocess
 # ------------------------------------------------------------------------------------------------
@@ -360,6 +401,8 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         times, memory = timed_calls(step, settings["warmup"], settings["repeats"], device)
     row.update(memory)
     row["times_ms"] = times
+    if settings.get("profile_calls"):
+        row["host_profile"] = host_profile(step, settings["profile_calls"], device)
     if job["task"] == "inference":
         row["repeat_force_difference"] = repeat_force_difference(step)
     else:
@@ -458,14 +501,24 @@ def run_subprocess(command: list[str], timeout: float, env: dict[str, str] | Non
                                 env=None if env is None else {**os.environ, **env})
         stdout = result.stdout
         if result.returncode != 0:
-            tail = result.stderr.strip().splitlines()
-            error = (tail[-1] if tail else f"exit {result.returncode}")[:500]
+            error = f"exit {result.returncode}: {failure_line(result.stderr)}"[:500]
     except subprocess.TimeoutExpired as expired:  # what it printed before it was killed still counts
         stdout = expired.stdout or ""
         stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
         error = f"timed out after {timeout:.0f} s"
     rows = [json.loads(line)["job_row"] for line in stdout.splitlines() if line.startswith('{"job_row": ')]
     return rows, error
+
+
+def failure_line(stderr: str) -> str:
+    """The line of a failed worker's stderr that says why: the last exception line (`SomeError: ...`), else the
+    last line that is not a warning (compilers log warnings after the traceback)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    exception = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    if exception:
+        return exception[-1]
+    plain = [line for line in lines if not re.match(r"^[WI]\d{4} |.*Warning:", line)]
+    return (plain or lines or ["no output on stderr"])[-1]
 
 
 def pool_rows(provider: str, job: dict, round_rows: list[dict]) -> dict:
@@ -605,6 +658,9 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=None, help="folder: writes <out>/e2e.json")
     parser.add_argument("--no-roofline", action="store_true", help="skip bench/roofline.py on CUDA")
     parser.add_argument("--plot", action="store_true", help="draw figures with bench/plot.py next to the JSON")
+    parser.add_argument("--profile-calls", type=int, default=0, metavar="N",
+                        help="our providers: N more calls under torch.profiler after the timed ones; the row gets "
+                             "host_profile (launches, host and GPU time per call, the costliest ops)")
     parser.add_argument("--emit-nvtx", action="store_true",
                         help="CUDA: wrap the timed calls in torch.autograd.profiler.emit_nvtx (for nsys; slows them)")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -645,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = args.providers or (["torch", "triton", "nequip", "nequip-triton", "reference", "nequip-cueq"] if cuda
                                    else ["torch", "reference", "nequip"])
     settings = {"device": device, "repeats": repeats, "warmup": warmup, "seed": args.seed, "emit_nvtx": args.emit_nvtx,
+                "profile_calls": args.profile_calls,
                 "threads": args.threads or os.cpu_count() or 1, "batch_size": batch_size}
     nequip_python = find_nequip_python(args.nequip_python) if any(p in NEQUIP_PROVIDERS for p in providers) else None
     started = datetime.datetime.now(datetime.timezone.utc)

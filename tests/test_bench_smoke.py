@@ -49,7 +49,38 @@ def test_a_worker_stopped_by_the_timeout_keeps_the_rows_of_its_finished_jobs():
     rows, error = bench_cli.run_subprocess([sys.executable, "-c", worker], timeout=3)
     assert rows == [{"case": "ag256", "times_ms": [1.0]}] and error == "timed out after 3 s"
     rows, error = bench_cli.run_subprocess([sys.executable, "-c", "import sys; sys.exit('no GPU here')"], timeout=30)
-    assert rows == [] and error == "no GPU here"
+    assert rows == [] and error == "exit 1: no GPU here"
+
+
+def test_a_failed_worker_reports_its_exception_not_the_warnings_logged_after_it():
+    """On the H200, nequip's AOTInductor job failed and the row said only `W1204 ... is missing a c-shim`, an
+    inductor warning printed after the traceback."""
+    worker = ("import sys\n"
+              "print('Traceback (most recent call last):', file=sys.stderr)\n"
+              "print('torch._inductor.exc.InductorError: RuntimeError: out of shared memory', file=sys.stderr)\n"
+              "print('W1204 13:41:29.706000 3795 torch/_inductor/ir.py:8256] missing a c-shim', file=sys.stderr)\n"
+              "sys.exit(3)\n")
+    rows, error = bench_cli.run_subprocess([sys.executable, "-c", worker], timeout=30)
+    assert rows == [] and error == "exit 3: torch._inductor.exc.InductorError: RuntimeError: out of shared memory"
+    assert bench_cli.failure_line("W1204 13:41:29 1 x.py:1] only a warning\nKilled\n") == "Killed"
+
+
+def test_host_profile_says_where_a_call_spends_its_time():
+    import torch
+
+    weight = torch.randn(64, 64, requires_grad=True)
+
+    def step():
+        x = torch.randn(128, 64)
+        return torch.autograd.grad((x @ weight).tanh().sum(), weight)[0]
+
+    profile = bench_cli.host_profile(step, calls=3, device=torch.device("cpu"))
+    assert profile["calls"] == 3 and profile["wall_ms_per_call"] > 0
+    assert 0 < profile["ops_self_cpu_ms_per_call"] <= profile["wall_ms_per_call"]
+    assert profile["kernel_launches_per_call"] == 0 and profile["gpu_kernel_ms_per_call"] is None  # no GPU
+    ops = {row["op"]: row for row in profile["top_ops"]}
+    assert ops["aten::mm"]["calls_per_call"] >= 2  # forward and the gradient
+    assert ops["aten::tanh"]["calls_per_call"] == 1
 
 
 def test_kernel_profiles_collect():

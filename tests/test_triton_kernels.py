@@ -558,6 +558,36 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6))
     assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
+    assert all(row["tf32_dots"] == 0 for row in rows), [row["kernel"] for row in rows if row["tf32_dots"]]
+
+
+@pytest.mark.skipif(_gpu_toolchain_missing() is not None, reason=str(_gpu_toolchain_missing()))
+def test_channel_tiled_mixing_stays_a_float32_multiply_and_sum_on_a_gpu(tmp_path):
+    """The channel-tiled layer kernels (above TILE_CHANNELS_ABOVE channels) mix by multiply and sum. Triton's combine
+    pass may turn such a sum into a tt.dot, with TF32 inputs on Triton 3.6: an H200 gave relative errors of 8e-4 at
+    33 channels in float32, which the interpreter cannot show. Compiled for sm_90, the tiled kernels must hold no
+    dot at all, and the one-block kernels only IEEE ones (`kernel_resources.dot_precisions`)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "kernel_resources.py"
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    rows = []
+    for channels in (33, 16):
+        output = tmp_path / f"resources-{channels}.json"
+        result = subprocess.run([sys.executable, str(script), "--l-max", "1", "--channels", str(channels),
+                                 "--layers", "2", "--dtypes", "float32", "--only", "layer", "--output", str(output)],
+                                env=environment, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        rows += [{**row, "channels": channels} for row in json.loads(output.read_text())]
+    tiled = [row for row in rows if row["channels"] == 33]
+    one_block = [row for row in rows if row["channels"] == 16]
+    assert len(tiled) == len(one_block) == 4
+    assert all(row["dots"] == 0 for row in tiled), [(row["kernel"], row["dots"]) for row in tiled]
+    assert any(row["dots"] > 0 for row in one_block) and all(row["tf32_dots"] == 0 for row in one_block)
 
 
 def test_triton_backend_warns_about_wide_models():

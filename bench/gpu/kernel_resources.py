@@ -17,6 +17,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,17 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
     fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split()
                   if ":" in item and item.split(":")[1].isdigit())
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2)}
+            "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2),
+            **dot_precisions(compiled.asm["ttir"])}
+
+
+def dot_precisions(ttir: str) -> dict:
+    """The tt.dot ops of a kernel's Triton IR (after Triton's own rewrites) and how many take TF32 inputs (10-bit
+    mantissas, ~1e-3 relative error). Triton's combine pass turns a float32 `tl.sum(x[:, :, None] * y[None, :, :],
+    axis=1)` with both sides >= 16 into a TF32 tt.dot (Triton 3.6 and 3.9), which only a GPU shows: the
+    interpreter never runs that pass."""
+    dots = [line for line in ttir.splitlines() if re.search(r"\btt\.dot\b", line)]
+    return {"dots": len(dots), "tf32_dots": sum("tf32" in line for line in dots)}
 
 
 def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool, dtype: str):
@@ -128,6 +139,7 @@ def main(argv=None) -> int:
             rows.append(row)
             status = row.get("error") or (f"{row['registers']:3d} registers, {row['stack_bytes']:5d} B stack, "
                                           f"{row['shared_bytes']:6d} B shared, {row['num_warps']:2d} warps, "
+                                          f"{row['dots']} dots ({row['tf32_dots']} TF32), "
                                           f"compiled in {row['compile_s']:.1f} s")
             print(f"{dtype:8s} {name:28s} {status}", flush=True)
     if args.output:
