@@ -19,7 +19,9 @@ Providers: "torch" and "triton" (allegro_fast.Allegro backends; on CUDA the trit
 compiled in parallel processes by `kernels.precompile`, reported as precompile_s), "torch-compiled" (the torch backend
 compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e. `training.compile: true`,
 for training; compilation happens in the untimed first call, reported as first_call_ms), "triton-compiled" (the same
-for the triton backend: inductor fuses the MLPs, the Triton ops stay as they are), "reference" (ReferenceAllegro),
+for the triton backend: inductor fuses the MLPs, the Triton ops stay as they are), "triton-graphs" (inference on
+CUDA: `compile_model(mode="reduce-overhead", dynamic=False)`, one CUDA graph replayed per call, for one fixed
+structure as in an MD step without a neighbour-list update), "reference" (ReferenceAllegro),
 "nequip" (nequip-allegro 0.8.3 eager), "nequip-compiled" (training with its compile_mode="compile":
 make_fx + torch.compile, compiled in the untimed first call), "nequip-aoti" (inference through its deployment
 path, `nequip-compile --mode aotinductor`, exported in the job: compile_s), and on CUDA "nequip-triton" (its Triton
@@ -84,7 +86,11 @@ CASES = {
     "aspirin": "rMD17 aspirin, a batch of --batch-size frames of 21 atoms",
 }
 MODELS = ("default", "speed", "rmd17")
-OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "triton-compiled", "reference")
+OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "triton-compiled", "triton-graphs", "reference")
+# ours, against which speedups are computed
+TIMED_OURS = ("torch", "torch-compiled", "triton", "triton-compiled", "triton-graphs")
+# under torch.compile: provider -> compile_model's options (inference)
+COMPILED = {"torch-compiled": {}, "triton-compiled": {}, "triton-graphs": {"mode": "reduce-overhead", "dynamic": False}}
 NEQUIP_PROVIDERS = ("nequip", "nequip-compiled", "nequip-triton", "nequip-cueq", "nequip-aoti", "nequip-triton-aoti")
 PROVIDERS = OUR_PROVIDERS + NEQUIP_PROVIDERS
 
@@ -253,7 +259,8 @@ def host_profile(step, calls: int, device, top: int = 15) -> dict:
     """Where a call's time goes on the host, after the timed calls: `calls` more calls under torch.profiler (CPU, and
     CUDA where there), per call: wall time (profiled, so above the timed median), time inside profiled ops (their
     self CPU time; the rest is Python and the autograd engine between them), kernel launches (runtime and driver
-    API, Triton's included), the GPU's kernel time, and the ops with the most self CPU time. Up to ~80k edges every
+    API, Triton's included), the GPU's kernel time, the ops with the most self CPU time and the kernels with the most
+    GPU time. Up to ~80k edges every
     provider on an H200 sat on a floor of ~6-9 ms per call that did not grow with the system: this says why."""
     import torch
     from torch.autograd import DeviceType
@@ -278,6 +285,7 @@ def host_profile(step, calls: int, device, top: int = 15) -> dict:
     host = [e for e in events if e.device_type == DeviceType.CPU]
     launches = sum(e.count for e in host if re.match(r"^(cuda|cu)LaunchKernel", e.key))
     ops = sorted((e for e in host if not e.key.startswith(("cuda", "cu"))), key=lambda e: -e.self_cpu_time_total)
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -device_us(e))
     return {"calls": calls, "wall_ms_per_call": round(wall_ms, 3),
             "ops_self_cpu_ms_per_call": round(sum(e.self_cpu_time_total for e in ops) / 1000 / calls, 3),
             "runtime_api_ms_per_call": round(sum(e.self_cpu_time_total for e in host if e.key.startswith(("cuda", "cu")))
@@ -286,7 +294,9 @@ def host_profile(step, calls: int, device, top: int = 15) -> dict:
             "gpu_kernel_ms_per_call": round(sum(device_us(e) for e in events if e.device_type == DeviceType.CUDA)
                                             / 1000 / calls, 3) if cuda else None,
             "top_ops": [{"op": e.key, "calls_per_call": e.count / calls,
-                         "self_cpu_us_per_call": round(e.self_cpu_time_total / calls, 1)} for e in ops[:top]]}
+                         "self_cpu_us_per_call": round(e.self_cpu_time_total / calls, 1)} for e in ops[:top]],
+            "top_kernels": [{"kernel": e.key[:200], "calls_per_call": e.count / calls,
+                             "gpu_us_per_call": round(device_us(e) / calls, 1)} for e in kernels[:top]]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,8 +334,8 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     probe = af.AtomicGraph.from_ase(frames[:1], r_max=af.AllegroConfig.preset(job["model"], type_names).r_max)
     config = af.AllegroConfig.preset(job["model"], type_names, avg_num_neighbors=probe.num_edges / probe.num_nodes)
     graph = af.AtomicGraph.from_ase(frames, r_max=config.r_max, dtype=dtype).to(device=device)
-    compiled = provider.endswith("-compiled")  # torch-compiled, triton-compiled: the backend under torch.compile
-    backend = provider.removesuffix("-compiled")
+    compiled = provider in COMPILED  # the backend under torch.compile
+    backend = provider.split("-")[0]
     if provider == "reference":
         model = af.reference.ReferenceAllegro(config)
     else:
@@ -340,7 +350,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if compiled:
             from allegro_fast.export import compile_model
 
-            evaluate = compile_model(model)
+            evaluate = compile_model(model, **COMPILED[provider])
 
         def step():
             with nvtx_range("forward+forces"):
@@ -402,7 +412,10 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     row.update(memory)
     row["times_ms"] = times
     if settings.get("profile_calls"):
-        row["host_profile"] = host_profile(step, settings["profile_calls"], device)
+        try:  # the profile explains the timing; it must never cost the timed row
+            row["host_profile"] = host_profile(step, settings["profile_calls"], device)
+        except Exception as error:  # noqa: BLE001
+            row["host_profile"] = {"error": f"{type(error).__name__}: {error}"[:300]}
     if job["task"] == "inference":
         row["repeat_force_difference"] = repeat_force_difference(step)
     else:
@@ -455,7 +468,9 @@ def worker_main(spec_path: str) -> None:
 # parent: plan, interleave, pool, report
 # ------------------------------------------------------------------------------------------------
 def unavailable_reason(provider: str, device: str, task: str, nequip_python: str | None) -> str | None:
-    if provider in ("triton", "triton-compiled"):
+    if provider == "triton-graphs" and (device != "cuda" or task != "inference"):
+        return "triton-graphs replays CUDA graphs of energy + forces: inference on CUDA only"
+    if provider in ("triton", "triton-compiled", "triton-graphs"):
         if device != "cuda":
             return "the triton backend is timed on CUDA only (interpreter runs are not timings)"
         import allegro_fast as af
@@ -602,12 +617,11 @@ def write_json_atomic(path: Path, value) -> None:
 
 
 def speedups(rows: list[dict]) -> dict:
-    """median(other) / median(ours) for every job where both ran (ours: torch, torch-compiled, triton,
-    triton-compiled)."""
+    """median(other) / median(ours) for every job where both ran (ours: TIMED_OURS)."""
     medians = {(r["provider"], r["case"], r["model"], r["task"]): r["median_ms"] for r in rows if "median_ms" in r}
     out = {}
     for (provider, case, model, task), ours in medians.items():
-        if provider not in ("torch", "torch-compiled", "triton", "triton-compiled"):
+        if provider not in TIMED_OURS:
             continue
         for other in ("reference", *NEQUIP_PROVIDERS, "torch"):
             theirs = medians.get((other, case, model, task))

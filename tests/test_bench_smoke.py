@@ -118,11 +118,13 @@ def test_kernel_profile_times_the_tiled_layer_kernels_on_request(tmp_path, thres
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("task", ["inference", "train"])
-def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkeypatch, task):
+@pytest.mark.parametrize("provider,task", [("triton-compiled", "inference"), ("triton-compiled", "train"),
+                                           ("triton-graphs", "inference")])
+def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkeypatch, provider, task):
     """The "triton-compiled" provider's worker builds the triton backend, runs it through `compile_model` /
-    `TrainingForceField`, and (inference) checks its forces against the torch backend's. Under the interpreter,
-    with a small model and aot_eager (the graph inductor would compile) to keep it short."""
+    `TrainingForceField`, and (inference) checks its forces against the torch backend's; "triton-graphs" is the
+    same with compile_model's CUDA graphs (mode="reduce-overhead", static shapes). Under the interpreter, with a
+    small model and aot_eager (the graph inductor would compile) to keep it short."""
     import ase.io
     from ase.build import bulk
 
@@ -137,7 +139,9 @@ def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkey
     monkeypatch.setattr(af.AllegroConfig, "preset", classmethod(
         lambda cls, name, type_names, **overrides: preset(name, type_names, **{**small, **overrides})))
     compile_model, training = export.compile_model, export.TrainingForceField
-    monkeypatch.setattr(export, "compile_model", lambda model: compile_model(model, backend="aot_eager"))
+    options = []
+    monkeypatch.setattr(export, "compile_model",
+                        lambda model, **kwargs: options.append(kwargs) or compile_model(model, backend="aot_eager"))
     monkeypatch.setattr(export, "TrainingForceField", lambda model: training(model, backend="aot_eager"))
 
     atoms = bulk("Ag", "fcc", a=4.09, cubic=True)  # 4 atoms: the interpreter is slow
@@ -147,10 +151,11 @@ def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkey
     job = {"case": "ag4", "model": "default", "task": task, "dtype": "float64", "type_names": ["Ag"],
            "frames_path": str(frames_path), "num_atoms": 4}
     settings = {"device": "cpu", "repeats": 1, "warmup": 0, "seed": 0, "threads": 1, "batch_size": 1}
-    row = bench_cli.run_our_job("triton-compiled", job, settings)
+    row = bench_cli.run_our_job(provider, job, settings)
     assert row["num_edges"] == 4 * 12 and len(row["times_ms"]) == 1  # nearest neighbours only at r_max 3.2
     if task == "inference":
         assert row["force_error_vs_torch"] < 1e-10 and row["repeat_force_difference"] == 0.0
+        assert options == [{"mode": "reduce-overhead", "dynamic": False} if provider == "triton-graphs" else {}]
     else:
         assert "force_error_vs_torch" not in row and row["repeat_gradient_difference"] == 0.0
 

@@ -25,8 +25,8 @@ of priority (the first five fit one 10-minute call on a bare H200 machine, by th
     e2e_training       the issue's second and third: a training step on Ag 2048 atoms (time, peak memory), triton
                        against nequip eager
     overhead           Ag 256 energy + forces and an aspirin training step under torch.profiler (bench_cli
-                       --profile-calls): launches, host and GPU time per call, triton / torch / triton-compiled
-                       (overhead.json, in suite.tar.gz); from here on precompile_rmd17 (CUDA) compiles the rMD17
+                       --profile-calls): launches, host and GPU time per call, triton / triton-graphs (CUDA
+                       graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on precompile_rmd17 (CUDA) compiles the rMD17
                        model's kernels in the background
     roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline
     e2e_default        end to end, default model, every case (allegro_fast.bench_cli)
@@ -347,6 +347,7 @@ def main(argv=None) -> int:
     # training step against its training path (eager). The triton rows of inference jobs carry
     # force_error_vs_torch, a check of the numbers timed should the CUDA tests not have passed.
     targets = ["--repeats", "10", "--warmup", "3"] if full else ["--quick", "--no-isolate", "--threads", "1"]
+    targets += ["--profile-calls", "3"]  # our rows get host_profile: where the call's host and GPU time go
     suite.run("e2e_headline", [*e2e, *targets, "--timeout", "150", "--jobs", "ag32k:default:inference" if full
                                else "ag32:default:inference", "--providers", "triton", "nequip-triton",
                                "nequip-triton-aoti", "--output", str(work / "e2e-headline.json")], 220,
@@ -361,8 +362,8 @@ def main(argv=None) -> int:
     suite.run("overhead", [*e2e, *targets, "--timeout", "90", "--jobs",
                            *(("ag256:default:inference", "aspirin:default:train") if full
                              else ("ag32:default:inference", "aspirin:default:train")),
-                           "--providers", "triton", "torch", "triton-compiled", "--profile-calls", "5",
-                           "--output", str(work / "overhead.json")], 130, outputs=("overhead.json",))
+                           "--providers", "triton", "triton-graphs", "torch", "triton-compiled",
+                           "--output", str(work / "overhead.json")], 160, outputs=("overhead.json",))
 
     # The rMD17 model's kernels (l_max 3, 128 channels: minutes of ptxas each) compile in the background from here on,
     # in parallel processes, into Triton's disk cache, where e2e_models finds them.
