@@ -57,6 +57,7 @@ from .potential import AllegroPotential
 __all__ = [
     "OUTPUT_KEYS",
     "CompiledForceField",
+    "EdgePadding",
     "ForceField",
     "compile_model",
     "export_model",
@@ -218,22 +219,93 @@ def slot_template(model: AllegroPotential, edge_index: torch.Tensor, num_atoms: 
     return None if slots is None else edge_index.new_empty(max(slots, 2))
 
 
-class CompiledForceField(nn.Module):
-    """torch.compile'd ForceField; call it with an AtomicGraph or with the six tensors."""
+class EdgePadding:
+    """Pads ForceField's six inputs to sizes that stay fixed from call to call, so that one program compiled for
+    static shapes (or one CUDA graph) serves every step of an MD run, whose edge count changes at every step.
 
-    def __init__(self, force_field: ForceField, compiled) -> None:
+    The edges are padded to a capacity: the first call's count times 1 + `headroom`, rounded up to a multiple of
+    `multiple`, raised the same way when a call has more edges (then the shapes change once). The padding edges
+    live in a ghost structure appended to the batch: `ghosts` atoms (of the model's first species) on a line half
+    a cutoff apart, each padding edge joining a ghost to the next one (the last to the one before), spread evenly
+    over the ghosts, so no center gets a long run of edges. The real atoms' edges and CSR segments are unchanged
+    and the ghost structure shares no edge with them: their energies, forces and stress are the unpadded ones
+    (the matmuls see more rows, so equal to rounding, not bitwise). `unpad` cuts the ghosts off the outputs."""
+
+    def __init__(self, r_max: float, atomic_number: int, headroom: float = 0.2, multiple: int = 256,
+                 edges_per_ghost: int = 32) -> None:
+        if not headroom >= 0:
+            raise ValueError(f"EdgePadding: headroom must be >= 0, got {headroom!r}")
+        self.r_max, self.atomic_number = float(r_max), int(atomic_number)
+        self.headroom, self.multiple, self.edges_per_ghost = float(headroom), int(multiple), int(edges_per_ghost)
+        self.capacity = 0  # edges
+        self.ghosts = 0  # atoms of the ghost structure
+        self.resizes = 0  # how often the capacity was raised (each time, new shapes)
+
+    def pad(self, positions: torch.Tensor, cell: torch.Tensor, atomic_numbers: torch.Tensor, edge_index: torch.Tensor,
+            edge_shift: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        num_atoms, num_structures, num_edges = positions.shape[0], cell.shape[0], edge_index.shape[1]
+        if num_edges > self.capacity:
+            wanted = int(num_edges * (1.0 + self.headroom)) + 1
+            self.capacity = -(-wanted // self.multiple) * self.multiple
+            self.ghosts = max(2, -(-(self.capacity - num_edges) // self.edges_per_ghost))
+            self.resizes += 1
+        padding, ghosts, device = self.capacity - num_edges, self.ghosts, positions.device
+        ghost_index = torch.arange(ghosts, device=device)
+        ghost_positions = torch.zeros(ghosts, 3, dtype=positions.dtype, device=device)
+        ghost_positions[:, 0] = ghost_index.to(positions.dtype) * (0.5 * self.r_max)
+        # padding edge p belongs to ghost p * ghosts // padding: sorted by center, at most ceil(padding / ghosts) each
+        center = torch.arange(padding, device=device) * ghosts // max(padding, 1)
+        neighbour = torch.where(center + 1 < ghosts, center + 1, center - 1)
+        ghost_edges = torch.stack([center, neighbour]).to(edge_index.dtype) + num_atoms
+        return (
+            torch.cat([positions, ghost_positions]),
+            torch.cat([cell, torch.zeros_like(cell[:1])]),  # no volume: zero stress, and no periodic image
+            torch.cat([atomic_numbers, atomic_numbers.new_full((ghosts,), self.atomic_number)]),
+            torch.cat([edge_index, ghost_edges], dim=1),
+            torch.cat([edge_shift, edge_shift.new_zeros(padding, 3)]),
+            torch.cat([batch, batch.new_full((ghosts,), num_structures)]),
+        )
+
+    @staticmethod
+    def unpad(out: dict[str, torch.Tensor], num_atoms: int, num_structures: int) -> dict[str, torch.Tensor]:
+        per_atom = ("atomic_energy", "forces")
+        return {key: value[:num_atoms] if key in per_atom else value[:num_structures] for key, value in out.items()}
+
+
+class CompiledForceField(nn.Module):
+    """torch.compile'd ForceField; call it with an AtomicGraph or with the six tensors. With `padding`
+    (an EdgePadding) every call's inputs are padded to fixed sizes first, and its outputs cut back."""
+
+    def __init__(self, force_field: ForceField, compiled, padding: EdgePadding | None = None) -> None:
         super().__init__()
         self.force_field = force_field
         self._compiled = compiled
+        self.padding = padding
+        self._slots = 0  # with padding: the largest neighbour-slot count so far (None: the edge-list layout)
 
     def forward(self, *inputs) -> dict[str, torch.Tensor]:
         if len(inputs) == 1 and isinstance(inputs[0], AtomicGraph):
             inputs = graph_inputs(inputs[0])
+        num_atoms, num_structures = inputs[0].shape[0], inputs[1].shape[0]
+        if self.padding is not None:
+            inputs = self.padding.pad(*inputs)
         slots = slot_template(self.force_field.model, inputs[3], inputs[0].shape[0])
+        if self.padding is not None:
+            slots = self._static_slots(slots)
         positions, cell, *rest = inputs
         positions, strain, cell = self.force_field.leaves(positions, cell)
         with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return self._compiled(positions, strain, cell, *rest, slots=slots)
+            out = self._compiled(positions, strain, cell, *rest, slots=slots)
+        return out if self.padding is None else EdgePadding.unpad(out, num_atoms, num_structures)
+
+    def _static_slots(self, slots: torch.Tensor | None) -> torch.Tensor | None:
+        """The slot count only grows under padding (any count >= the largest neighbour count is right), and the
+        layout chosen first stays, so that shapes change only with the capacity."""
+        if self._slots is None or slots is None:
+            self._slots = None
+            return None
+        self._slots = max(self._slots, slots.shape[0])
+        return slots.new_empty(self._slots)
 
 
 def compile_model(
@@ -244,15 +316,25 @@ def compile_model(
     backend: str = "inductor",
     mode: str | None = None,
     options: dict | None = None,
+    edge_headroom: float | None = None,
 ) -> CompiledForceField:
     """torch.compile of ``ForceField(model)``. Compilation happens at the first call (and again for a new
     number of structures, or for new sizes when dynamic=False). ``backend``, ``mode`` and ``options`` go
-    to torch.compile (e.g. backend="aot_eager" traces without code generation)."""
+    to torch.compile (e.g. backend="aot_eager" traces without code generation).
+
+    ``edge_headroom`` (e.g. 0.2): pad every call's edges to a capacity of (1 + edge_headroom) times the first
+    call's, in a ghost structure (`EdgePadding`), so that the shapes stay fixed across the steps of an MD run:
+    with dynamic=False one program serves them all, and mode="reduce-overhead" replays one CUDA graph per step
+    instead of launching every kernel from Python. A call with more edges raises the capacity (new shapes)."""
     force_field = ForceField(model.eval())
     # the method, not the module: its inputs already require grad (see ForceField.derivatives)
     compiled = torch.compile(force_field.derivatives, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
                              mode=mode, options=options)
-    return CompiledForceField(force_field, compiled)
+    padding = None
+    if edge_headroom is not None:
+        number = int(torch.nonzero(model.type_of_atomic_number == 0)[0, 0])  # the ghosts: the first species
+        padding = EdgePadding(model.config.r_max, number, headroom=edge_headroom)
+    return CompiledForceField(force_field, compiled, padding)
 
 
 class TrainingForceField:

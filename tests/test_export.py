@@ -9,11 +9,12 @@ import shutil
 import pytest
 import torch
 from ase import Atoms
-from conftest import diamond, ethanol, lonely_and_pair, periodic_cho, small_config
+from conftest import TRITON_DEVICES, diamond, ethanol, lonely_and_pair, periodic_cho, small_config
 
 import allegro_fast as af
 from allegro_fast.export import (
     OUTPUT_KEYS,
+    EdgePadding,
     ForceField,
     compile_model,
     export_model,
@@ -89,6 +90,75 @@ def test_compile_traces_one_graph_for_all_sizes(layout):
     with torch.compiler.set_stance("fail_on_recompile"):
         for graph in others:
             assert_matches_model(compiled(graph), model, graph, f"compiled, {graph.num_nodes} atoms")
+
+
+@pytest.mark.parametrize("headroom", [0.0, 0.3, 3.0])
+def test_edge_padding_leaves_the_real_atoms_alone(headroom):
+    """EdgePadding's ghost structure (the padding edges, between ghost atoms only) changes nothing for the real
+    atoms: ForceField on padded inputs, cut back, gives the model's energies, forces and stress; the padded
+    edges stay sorted by center, and no ghost holds more than its share of them."""
+    model = tiny_model(torch.float64)
+    force_field = ForceField(model)
+    batch = af.AtomicGraph.from_ase([periodic_cho(4), lonely_and_pair(), ethanol(5)], r_max=model.config.r_max)
+    for graph in [*graphs(model.config.r_max), batch]:
+        padding = EdgePadding(model.config.r_max, atomic_number=1, headroom=headroom, multiple=16, edges_per_ghost=5)
+        padded = padding.pad(*graph_inputs(graph))
+        positions, cell, numbers, edge_index, edge_shift, batch_index = padded
+        ghosts = positions.shape[0] - graph.num_nodes
+        assert edge_index.shape[1] == padding.capacity >= graph.num_edges and padding.capacity % 16 == 0
+        assert ghosts == padding.ghosts >= 2 and cell.shape[0] == graph.num_structures + 1
+        assert torch.equal(batch_index[graph.num_nodes:], torch.full((ghosts,), graph.num_structures))
+        assert bool((edge_index[0].diff() >= 0).all()), "edges sorted by center"
+        ghost_edges = edge_index[:, graph.num_edges:]
+        assert bool((ghost_edges >= graph.num_nodes).all()) and bool((ghost_edges[0] != ghost_edges[1]).all())
+        padding_edges = padding.capacity - graph.num_edges
+        degrees = torch.bincount(ghost_edges[0] - graph.num_nodes, minlength=ghosts)
+        assert int(degrees.max()) <= -(-padding_edges // ghosts)
+        out = EdgePadding.unpad(force_field(*padded), graph.num_nodes, graph.num_structures)
+        assert_matches_model(out, model, graph, f"padded by {padding_edges} edges, {graph.num_nodes} atoms")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_edge_padding_with_the_triton_backend(device):
+    """The same for the triton backend (segment sums over the padded CSR). On CUDA also the path padding is for:
+    compile_model(mode="reduce-overhead", dynamic=False, edge_headroom) replays one CUDA graph per MD step."""
+    torch.manual_seed(0)
+    model = af.Allegro(small_config(num_layers=2, l_max=1, num_tensor_features=3), backend="triton").double()
+    model = model.to(device)
+    r_max = model.config.r_max
+    batch = af.AtomicGraph.from_ase([periodic_cho(4), lonely_and_pair(), ethanol(5)], r_max=r_max).to(device=device)
+    padding = EdgePadding(r_max, atomic_number=1, headroom=0.3, multiple=16, edges_per_ghost=5)
+    out = EdgePadding.unpad(ForceField(model)(*padding.pad(*graph_inputs(batch))), batch.num_nodes, 3)
+    assert_matches_model(out, model, batch, "triton backend, padded batch")
+    if device == "cuda":
+        compiled = compile_model(model, mode="reduce-overhead", dynamic=False, edge_headroom=1.0)
+        steps = [af.AtomicGraph.from_ase(periodic_cho(seed), r_max=r_max).to(device=device) for seed in (2, 5, 6, 7)]
+        for index, graph in enumerate(steps * 2):  # the first calls record, the later ones replay
+            assert_matches_model(compiled(graph), model, graph, f"CUDA graphs, call {index}")
+        assert compiled.padding.resizes == 1
+
+
+@pytest.mark.slow
+def test_padded_compile_serves_an_md_run_with_one_static_program():
+    """compile_model(dynamic=False, edge_headroom=...): the steps of an MD run (same atoms, other positions, so
+    other edge counts) reuse the program of the first step until one has more edges than the capacity, which
+    raises it (new shapes: one more compilation); every step matches the eager model. The shapes CUDA graphs
+    (mode="reduce-overhead") need are these."""
+    model = tiny_model(torch.float64)
+    compiled = compile_model(model, backend="aot_eager", dynamic=False, edge_headroom=1.0)
+    steps = [af.AtomicGraph.from_ase(periodic_cho(seed), r_max=model.config.r_max) for seed in (2, 5, 6, 7)]
+    assert len({graph.num_edges for graph in steps}) > 1
+    assert_matches_model(compiled(steps[0]), model, steps[0], "padded, first step")
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for index, graph in enumerate(steps[1:], 2):
+            assert graph.num_edges <= compiled.padding.capacity
+            assert_matches_model(compiled(graph), model, graph, f"padded, step {index}")
+    crowded = periodic_cho(2)
+    crowded.set_cell(crowded.cell * 0.6, scale_atoms=True)  # far more neighbours: beyond the capacity
+    graph = af.AtomicGraph.from_ase(crowded, r_max=model.config.r_max)
+    assert graph.num_edges > compiled.padding.capacity
+    assert_matches_model(compiled(graph), model, graph, "padded, after raising the capacity")
+    assert compiled.padding.resizes == 2
 
 
 @pytest.mark.slow
