@@ -165,3 +165,20 @@ def torch_cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_layer_launch_tuner_checks_every_variant_against_the_default(tmp_path):
+    """bench/gpu/tune_layer.py (the GPU suite's tune_layer stage), under the interpreter: every variant's outputs
+    are compared with the default launch's, and the JSON says what ran (times here are not timings)."""
+    output = tmp_path / "tune.json"
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu" / "tune_layer.py"), "--device", "cpu",
+                             "--edges", "64", "--variants", "16x4", "--repeats", "1", "--output", str(output)],
+                            capture_output=True, text=True, cwd=REPO, env=environment, check=False, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert {(r["position"], r["pass"], r["variant"]) for r in rows} == {
+        (position, name, variant) for position in ("first", "last") for name in ("forward", "backward")
+        for variant in ("default", "16x4")}
+    assert all(r["relative_difference"] < 1e-5 and r["median_ms"] > 0 for r in rows)

@@ -29,6 +29,8 @@ of priority (the first five fit one 10-minute call on a bare H200 machine, by th
                        graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on precompile_rmd17 (CUDA) compiles the rMD17
                        model's kernels in the background
     roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline
+    tune_layer         bench/gpu/tune_layer.py: the fused kernels' forward and backward under other launch
+                       parameters (BLOCK_E x warps), checked against the default launch (tune-layer.json)
     e2e_default        end to end, default model, every case (allegro_fast.bench_cli)
     kernels_<op>       pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
     kernels_layer_tiled_float32  the n = 32 middle layer again with the channel-tiled kernels (the threshold's data)
@@ -380,6 +382,12 @@ def main(argv=None) -> int:
     if args.quick or not cuda:
         roofline += ["--edges", "1024", "--repeats", "3"]
     suite.run("roofline", roofline, 90, outputs=("roofline.json",))
+
+    # The fused layer's launch parameters (edges per step, warps) around layer_launch's choice, outputs checked
+    tune = [python, "bench/gpu/tune_layer.py", "--output", str(work / "tune-layer.json")]
+    if not full:
+        tune += ["--device", "cpu", "--edges", "96", "--variants", "16x4", "--repeats", "1"]
+    suite.run("tune_layer", tune, 120, env=None if cuda else {"TRITON_INTERPRET": "1"}, outputs=("tune-layer.json",))
 
     # 4. Everything else, as far as the budget goes (a second call: --only with the stages named)
 

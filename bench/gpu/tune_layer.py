@@ -1,0 +1,187 @@
+"""Time the fused layer kernels (forward and backward) under other launch parameters than `layer_launch` picks:
+edges per step (BLOCK_E) and warps per program, on one GPU, for the default model's first (mixing) and last layers.
+
+Why: on an H200 (2026-12-04, `results/gpu-h200-2026-12-04/`) the fused forward reached 7-9 % of its roofline.
+ptxas gives the default model's first-layer forward 128 registers and its backward 255 (+40 B of spill) at 8 warps
+(`kernel_resources.py`, Triton 3.6): one or two programs per SM, too few warps to hide latency. Which launch is
+fastest only a GPU says; every variant's outputs are checked against the default launch's.
+
+    python bench/gpu/tune_layer.py                                  # default model, 262144 edges, float32
+    python bench/gpu/tune_layer.py --edges 65536 --variants 16x4 16x8 32x8 --output tune.json
+
+Variants are BLOCK_ExWARPS; the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
+(tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+DEFAULT_VARIANTS = ("16x2", "16x4", "16x8", "16x16", "32x4", "32x8", "32x16", "64x8")
+
+
+def layer_inputs(model, index: int, num_edges: int, dtype, device, seed: int = 0):
+    """Random inputs of layer `index`'s fused kernel and cotangents of its outputs; edges sorted by center,
+    ~28 per center: (key, forward inputs, cotangents, center_ptr)."""
+    import ops  # bench/ops.py
+
+    from allegro_fast.kernels.tensor_product import _LAYERS
+
+    config = model.config
+    key = model._triton_forms()[index]
+    layer = _LAYERS[key]
+    n, num_nodes = config.num_tensor_features, max(2, num_edges // ops.NEIGHBOURS_PER_ATOM)
+    center = torch.arange(num_edges, device=device) * num_nodes // num_edges
+    center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=device))
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    inputs = (rand(num_edges, config.l_max + 1, n), rand(num_edges, (config.l_max + 1) ** 2),
+              rand(num_edges, layer.feature_columns, n), rand(layer.num_weights, n, n) / n ** 0.5)
+    first, last = layer.scalar_columns
+    cotangents = (rand(num_edges, last - first, n), rand(num_edges, layer.output_dim, n))
+    return key, inputs, cotangents, center_ptr
+
+
+def time_ms(fn, repeats: int, device: torch.device) -> list[float]:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type != "cuda":
+            begin = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - begin))
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def relative_difference(got: tuple, expected: tuple) -> float:
+    worst = 0.0
+    for g, e in zip(got, expected):
+        if e.numel():
+            worst = max(worst, float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edges", type=int, default=262144)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--l-max", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="layers of the model (first: mixing; last: scalars)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="BLOCK_ExWARPS")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("tune_layer: no CUDA device (--device cpu under TRITON_INTERPRET=1 checks the harness only)")
+        return 2
+
+    import allegro_fast as af
+    from allegro_fast.kernels import tensor_product as kernels
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.channels > kernels.TILE_CHANNELS_ABOVE:
+        raise SystemExit(f"--channels {args.channels}: the channel-tiled kernels (above "
+                         f"{kernels.TILE_CHANNELS_ABOVE}) are not tuned here")
+    config = af.AllegroConfig(type_names=("Ag",), l_max=args.l_max, num_tensor_features=args.channels,
+                              num_layers=args.layers, avg_num_neighbors=28.0)
+    model = af.Allegro(config, backend="triton").to(device=device, dtype=dtype)
+    default_launch = kernels.layer_launch(args.channels, dtype, device.type)
+    chosen = {"launch": default_launch}
+    original = kernels.layer_launch
+    kernels.layer_launch = lambda channels, dtype_, device_type: chosen["launch"]
+    rows = []
+    try:
+        for index, position in ((0, "first"), (args.layers - 1, "last")):
+            key, inputs, cotangents, center_ptr = layer_inputs(model, index, args.edges, dtype, device)
+            scalars, mixed = cotangents
+            if not kernels._LAYERS[key].mixing:
+                mixed = mixed[:, :0]
+
+            def forward():
+                return kernels._launch_layer(key, *inputs, center_ptr)
+
+            def backward():
+                return kernels._launch_layer_backward(key, *inputs, scalars, mixed, center_ptr)
+
+            expected = {}
+            for variant in ["default", *args.variants]:
+                if variant == "default":
+                    launch = default_launch
+                else:
+                    block_e, warps = (int(part) for part in variant.split("x"))
+                    launch = dataclasses.replace(default_launch, block_e=block_e, num_warps=warps)
+                chosen["launch"] = launch
+                for name, fn in (("forward", forward), ("backward", backward)):
+                    row = {"position": position, "pass": name, "variant": variant, "block_e": launch.block_e,
+                           "num_warps": launch.num_warps}
+                    try:
+                        begin = time.perf_counter()
+                        out = fn()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        row["first_call_s"] = round(time.perf_counter() - begin, 2)  # compiling included
+                        if variant == "default":
+                            expected[name] = [t.clone() for t in out]
+                        row["relative_difference"] = relative_difference(out, expected[name])
+                        times = time_ms(fn, args.repeats, device)
+                        row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+                    except Exception as error:  # a variant that does not compile or launch is a finding
+                        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                    rows.append(row)
+                    base = next((r for r in rows if r["position"] == position and r["pass"] == name
+                                 and r["variant"] == "default" and "median_ms" in r), None)
+                    ratio = (f"{base['median_ms'] / row['median_ms']:.2f}x default" if base and "median_ms" in row
+                             else "")
+                    status = row.get("error") or (f"{row['median_ms']:8.3f} ms  {ratio:>13s}  "
+                                                  f"diff {row['relative_difference']:.1e}")
+                    print(f"{position:6s} {name:8s} {variant:8s} (BLOCK_E {launch.block_e:3d}, "
+                          f"{launch.num_warps:2d} warps)  {status}", flush=True)
+    finally:
+        kernels.layer_launch = original
+    result = {"kind": "allegro-fast layer launch tuning", "date": datetime.datetime.now(datetime.timezone.utc)
+              .isoformat(timespec="seconds"), "device": device.type,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "commit": os.environ.get("ALLEGRO_FAST_COMMIT"),
+              "settings": {k: v for k, v in vars(args).items() if k != "output"},
+              "default_launch": dataclasses.asdict(default_launch), "rows": rows}
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.output.with_name(args.output.name + ".tmp")
+        temporary.write_text(json.dumps(result, indent=1))
+        os.replace(temporary, args.output)
+        print(f"wrote {args.output}")
+    bad = [r for r in rows if r.get("relative_difference", 0.0) > (1e-5 if dtype == torch.float32 else 1e-12)]
+    if bad:
+        print(f"{len(bad)} variants disagree with the default launch beyond rounding: "
+              + ", ".join(f"{r['position']} {r['pass']} {r['variant']}" for r in bad))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
