@@ -182,3 +182,24 @@ def test_layer_launch_tuner_checks_every_variant_against_the_default(tmp_path):
         (position, name, variant) for position in ("first", "last") for name in ("forward", "backward")
         for variant in ("default", "16x4")}
     assert all(r["relative_difference"] < 1e-5 and r["median_ms"] > 0 for r in rows)
+
+
+def test_gpu_suite_merges_around_a_stage_killed_while_writing(tmp_path):
+    """The H200 suite call died when a kernel-profile stage, killed at its timeout, left an empty JSON that the
+    merge read: a truncated file is now skipped, the rows of the others are kept."""
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench" / "gpu" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    stats = {"median": 1.0, "iqr": 0.1, "min": 0.9, "max": 1.2, "rounds": 5}
+    (tmp_path / "kernels-layer-float32.json").write_text(json.dumps(
+        {"benchmarks": [{"group": "layer", "name": "test_profile[x]", "stats": stats}]}))
+    (tmp_path / "kernels-layer-float64.json").write_text("")  # killed while pytest-benchmark wrote it
+    (tmp_path / "e2e-headline.json").write_text(json.dumps({"rows": [{"provider": "triton"}], "speedups": {}}))
+    (tmp_path / "e2e-training.json").write_text('{"rows": [')
+    assert [row["name"] for row in suite.merge_kernel_profiles(tmp_path)] == ["test_profile[x]"]
+    assert suite.merge_e2e(tmp_path)["rows"] == [{"provider": "triton"}]
+    out = tmp_path / "out"
+    out.mkdir()
+    runner = suite.Suite(tmp_path, out, budget=60)
+    runner.add({"stage": "kernels_layer_float64", "status": "timeout", "seconds": 1.0})
+    assert {"summary.txt", "summary.json", "kernels.json", "e2e.json", "suite.tar.gz"} <= {p.name for p in out.iterdir()}
