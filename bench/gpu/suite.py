@@ -13,7 +13,8 @@ the remaining budget (--budget seconds, default 560, counted from run_suite.sh's
 of 10 minutes holds the install, the suite and the archive); a stage that fails or runs out of time is recorded
 with its error and the next one runs. The summary, the merged results and the archive of every log are written into
 the out folder after every stage, so a run killed from outside still brings back what finished. Stages, in order
-of priority (the first five fit one 10-minute call on a bare H200 machine, by their caps):
+of priority (on an H200, 2026-12-04, environment to e2e_training took 331 s and roofline 28 s more; `--only` picks
+the stages of a call that cannot hold them all):
 
     environment        nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast, commit
     cuda_tests         python -m pytest -m "cuda and not compile_heavy" tests, in parallel processes (CPU dry
@@ -26,8 +27,8 @@ of priority (the first five fit one 10-minute call on a bare H200 machine, by th
                        against nequip eager
     overhead           Ag 256 energy + forces and an aspirin training step under torch.profiler (bench_cli
                        --profile-calls): launches, host and GPU time per call, triton / triton-graphs (CUDA
-                       graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on precompile_rmd17 (CUDA) compiles the rMD17
-                       model's kernels in the background
+                       graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on
+                       precompile_rmd17 (CUDA) compiles the rMD17 model's kernels in the background
     roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline
     tune_layer         bench/gpu/tune_layer.py: the fused kernels' forward and backward under other launch
                        parameters (BLOCK_E x warps), checked against the default launch (tune-layer.json)
