@@ -261,8 +261,8 @@ def host_profile(step, calls: int, device, top: int = 15) -> dict:
     CUDA where there), per call: wall time (profiled, so above the timed median), time inside profiled ops (their
     self CPU time; the rest is Python and the autograd engine between them), kernel launches (runtime and driver
     API, Triton's included), the GPU's kernel time, the ops with the most self CPU time and the kernels with the most
-    GPU time. Up to ~80k edges every
-    provider on an H200 sat on a floor of ~6-9 ms per call that did not grow with the system: this says why."""
+    GPU time. Up to ~80k edges every provider on an H200 sat on a floor of ~6-9 ms per call that did not grow with
+    the system: this says why."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
