@@ -97,9 +97,10 @@ def layer_work(model, index: int, num_edges: int, num_nodes: int, itemsize: int)
     }
 
 
-def fused_kernel_case(model, index: int, num_edges: int, dtype, device):
-    """The fused layer kernel of layer `index` alone, on random inputs of its shapes: (callable, num_nodes)."""
-    from allegro_fast.kernels.tensor_product import _LAYERS, fused_layer
+def fused_layer_inputs(model, index: int, num_edges: int, dtype, device, seed: int = 0):
+    """Random inputs of layer `index`'s fused kernel and cotangents of its outputs, edges sorted by center with
+    ~NEIGHBOURS_PER_ATOM per center: (key, (w, Y, V, mixing weights), (scalars', mixed'), center_ptr)."""
+    from allegro_fast.kernels.tensor_product import _LAYERS
 
     config = model.config
     key = model._triton_forms()[index]
@@ -107,14 +108,24 @@ def fused_kernel_case(model, index: int, num_edges: int, dtype, device):
     n, num_nodes = config.num_tensor_features, max(2, num_edges // ops.NEIGHBOURS_PER_ATOM)
     center = torch.arange(num_edges, device=device) * num_nodes // num_edges  # sorted, ~uniform counts
     center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=device))
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
     inputs = (rand(num_edges, config.l_max + 1, n), rand(num_edges, (config.l_max + 1) ** 2),
               rand(num_edges, layer.feature_columns, n), rand(layer.num_weights, n, n) / n ** 0.5)
-    return (lambda: fused_layer(key, *inputs, center_ptr)), num_nodes
+    first, last = layer.scalar_columns
+    cotangents = (rand(num_edges, last - first, n), rand(num_edges, layer.output_dim if layer.mixing else 0, n))
+    return key, inputs, cotangents, center_ptr
+
+
+def fused_kernel_case(model, index: int, num_edges: int, dtype, device):
+    """The fused layer kernel of layer `index` alone, on random inputs of its shapes: (callable, num_nodes)."""
+    from allegro_fast.kernels.tensor_product import fused_layer
+
+    key, inputs, _, center_ptr = fused_layer_inputs(model, index, num_edges, dtype, device)
+    return (lambda: fused_layer(key, *inputs, center_ptr)), center_ptr.numel() - 1
 
 
 # ------------------------------------------------------------------------------------------------

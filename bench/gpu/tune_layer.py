@@ -30,51 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
+from roofline import fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.py)
+
 DEFAULT_VARIANTS = ("16x2", "16x4", "16x8", "16x16", "32x4", "32x8", "32x16", "64x8")
-
-
-def layer_inputs(model, index: int, num_edges: int, dtype, device, seed: int = 0):
-    """Random inputs of layer `index`'s fused kernel and cotangents of its outputs; edges sorted by center,
-    ~28 per center: (key, forward inputs, cotangents, center_ptr)."""
-    import ops  # bench/ops.py
-
-    from allegro_fast.kernels.tensor_product import _LAYERS
-
-    config = model.config
-    key = model._triton_forms()[index]
-    layer = _LAYERS[key]
-    n, num_nodes = config.num_tensor_features, max(2, num_edges // ops.NEIGHBOURS_PER_ATOM)
-    center = torch.arange(num_edges, device=device) * num_nodes // num_edges
-    center_ptr = torch.searchsorted(center, torch.arange(num_nodes + 1, device=device))
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
-
-    inputs = (rand(num_edges, config.l_max + 1, n), rand(num_edges, (config.l_max + 1) ** 2),
-              rand(num_edges, layer.feature_columns, n), rand(layer.num_weights, n, n) / n ** 0.5)
-    first, last = layer.scalar_columns
-    cotangents = (rand(num_edges, last - first, n), rand(num_edges, layer.output_dim, n))
-    return key, inputs, cotangents, center_ptr
-
-
-def time_ms(fn, repeats: int, device: torch.device) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type != "cuda":
-            begin = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - begin))
-            continue
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def relative_difference(got: tuple, expected: tuple) -> float:
@@ -118,10 +76,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         for index, position in ((0, "first"), (args.layers - 1, "last")):
-            key, inputs, cotangents, center_ptr = layer_inputs(model, index, args.edges, dtype, device)
-            scalars, mixed = cotangents
-            if not kernels._LAYERS[key].mixing:
-                mixed = mixed[:, :0]
+            key, inputs, (scalars, mixed), center_ptr = fused_layer_inputs(model, index, args.edges, dtype, device)
 
             def forward():
                 return kernels._launch_layer(key, *inputs, center_ptr)
@@ -149,7 +104,7 @@ def main(argv=None) -> int:
                         if variant == "default":
                             expected[name] = [t.clone() for t in out]
                         row["relative_difference"] = relative_difference(out, expected[name])
-                        times = time_ms(fn, args.repeats, device)
+                        times = time_ms(fn, device, warmup=1, repeats=args.repeats)
                         row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
                     except Exception as error:  # a variant that does not compile or launch is a finding
                         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
