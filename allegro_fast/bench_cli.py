@@ -19,9 +19,10 @@ Providers: "torch" and "triton" (allegro_fast.Allegro backends; on CUDA the trit
 compiled in parallel processes by `kernels.precompile`, reported as precompile_s), "torch-compiled" (the torch backend
 compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e. `training.compile: true`,
 for training; compilation happens in the untimed first call, reported as first_call_ms), "triton-compiled" (the same
-for the triton backend: inductor fuses the MLPs, the Triton ops stay as they are), "triton-graphs" (inference on
-CUDA: `compile_model(mode="reduce-overhead", dynamic=False, edge_headroom=0.2)`, one CUDA graph replayed per call,
-the edges padded to a capacity as in an MD run), "reference" (ReferenceAllegro),
+for the triton backend: inductor fuses the MLPs, the Triton ops stay as they are), "triton-graphs" (CUDA only:
+`compile_model` / `TrainingForceField` with mode="reduce-overhead", dynamic=False, edge_headroom=0.2: the edges
+padded to a capacity as in an MD run, static shapes, CUDA graphs replayed per call: energy + forces, or the
+training step's forward and loss backward), "reference" (ReferenceAllegro),
 "nequip" (nequip-allegro 0.8.3 eager), "nequip-compiled" (training with its compile_mode="compile":
 make_fx + torch.compile, compiled in the untimed first call), "nequip-aoti" (inference through its deployment
 path, `nequip-compile --mode aotinductor`, exported in the job: compile_s), and on CUDA "nequip-triton" (its Triton
@@ -360,7 +361,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
                 return evaluate(graph, compute_stress=False)["forces"]
     else:
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")  # as training.py's
         energies, forces = training_targets(frames, settings["seed"])
         energy_target = torch.as_tensor(energies, dtype=dtype, device=device)
         force_target = torch.as_tensor(forces, dtype=dtype, device=device)
@@ -369,7 +370,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if compiled:
             from allegro_fast.export import TrainingForceField
 
-            training_step = TrainingForceField(model)
+            training_step = TrainingForceField(model, **COMPILED[provider])
 
             def forward(graph, compute_stress):
                 return training_step(graph)
@@ -469,8 +470,8 @@ def worker_main(spec_path: str) -> None:
 # parent: plan, interleave, pool, report
 # ------------------------------------------------------------------------------------------------
 def unavailable_reason(provider: str, device: str, task: str, nequip_python: str | None) -> str | None:
-    if provider == "triton-graphs" and (device != "cuda" or task != "inference"):
-        return "triton-graphs replays CUDA graphs of energy + forces: inference on CUDA only"
+    if provider == "triton-graphs" and device != "cuda":
+        return "triton-graphs replays CUDA graphs: CUDA only"
     if provider in ("triton", "triton-compiled", "triton-graphs"):
         if device != "cuda":
             return "the triton backend is timed on CUDA only (interpreter runs are not timings)"

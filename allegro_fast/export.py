@@ -111,13 +111,16 @@ class ForceField(nn.Module):
 
     Shares its parameters with ``model``; computes in the model's dtype. Outputs are detached (inference)
     unless ``create_graph``: then forces and stress can be differentiated again, for force training.
+    ``edge_list``: the torch backend always uses the edge-list layout (for tracing with static shapes, where
+    choosing the neighbour-slot count would read data).
     """
 
-    def __init__(self, model: AllegroPotential, create_graph: bool = False) -> None:
+    def __init__(self, model: AllegroPotential, create_graph: bool = False, edge_list: bool = False) -> None:
         super().__init__()
         self.model = _traceable_copy(model)
         self.r_max = float(model.config.r_max)
         self.create_graph = create_graph
+        self.edge_list = edge_list
 
     def forward(
         self,
@@ -174,6 +177,8 @@ class ForceField(nn.Module):
             )
             if slots is not None:
                 graph.fixed_slots = slots.shape[0]
+            elif self.edge_list:
+                graph.fixed_slots = 0  # AllegroPotential.neighbor_slots: the edge-list layout
             # The gathers and sums over atoms and structures are the model's own: the triton backend's run in a
             # fixed order (segment sums), so its energies, forces and stress repeat bitwise on CUDA here too.
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
@@ -330,11 +335,13 @@ def compile_model(
     # the method, not the module: its inputs already require grad (see ForceField.derivatives)
     compiled = torch.compile(force_field.derivatives, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
                              mode=mode, options=options)
-    padding = None
-    if edge_headroom is not None:
-        number = int(torch.nonzero(model.type_of_atomic_number == 0)[0, 0])  # the ghosts: the first species
-        padding = EdgePadding(model.config.r_max, number, headroom=edge_headroom)
+    padding = None if edge_headroom is None else _ghost_padding(model, edge_headroom)
     return CompiledForceField(force_field, compiled, padding)
+
+
+def _ghost_padding(model: AllegroPotential, edge_headroom: float) -> EdgePadding:
+    number = int(torch.nonzero(model.type_of_atomic_number == 0)[0, 0])  # the ghosts: the first species
+    return EdgePadding(model.config.r_max, number, headroom=edge_headroom)
 
 
 class TrainingForceField:
@@ -348,14 +355,22 @@ class TrainingForceField:
     the neighbour-slot layout (`CompiledForceField`'s) took as long on Ag 256 and 1.17x as long on an aspirin
     batch, whose slots pad the edges by 1.4x. ``backend`` goes to torch.compile ("inductor"; "aot_eager"
     traces without code generation). Graphs need at least 2 atoms and 2 edges (sizes 0 and 1 are specialized while tracing).
+
+    For CUDA graphs: ``mode="reduce-overhead", dynamic=False, edge_headroom=0.2`` traces and compiles for static
+    shapes, with the edges padded to a capacity in a ghost structure (`EdgePadding`, cut off the outputs, so
+    nothing of it reaches the loss), and torch.compile replays the forward and the loss backward as CUDA graphs:
+    one program per number of atoms and edge capacity, which suits batches of a fixed size (one molecule, an MD
+    trajectory), not batches whose atom count changes at every step.
     """
 
-    def __init__(self, model: AllegroPotential, backend: str = "inductor") -> None:
+    def __init__(self, model: AllegroPotential, backend: str = "inductor", *, mode: str | None = None,
+                 dynamic: bool = True, edge_headroom: float | None = None) -> None:
         self.model = model
-        self.force_field = ForceField(model, create_graph=True)
-        self.backend = backend
+        self.force_field = ForceField(model, create_graph=True, edge_list=True)
+        self.backend, self.mode, self.dynamic = backend, mode, dynamic
+        self.padding = None if edge_headroom is None else _ghost_padding(model, edge_headroom)
         self._names = [name for name, _ in self.force_field.named_parameters()]
-        self._programs: dict[int, object] = {}
+        self._programs: dict[object, object] = {}
 
     def _outputs(self, parameters: list[torch.Tensor], *inputs: torch.Tensor):
         from torch.nn.utils.stateless import _reparametrize_module
@@ -371,16 +386,24 @@ class TrainingForceField:
             raise ValueError(f"compiled training needs graphs with at least 2 atoms and 2 edges, got "
                              f"{graph.num_nodes} atoms and {graph.num_edges} edges")
         inputs = graph_inputs(graph, self.model.dtype)
+        if self.padding is not None:
+            inputs = self.padding.pad(*inputs)
         parameters = [parameter for _, parameter in self.force_field.named_parameters()]
-        program = self._programs.get(graph.num_structures)
+        # dynamic: one program per number of structures; static: one per set of shapes (with padding, one per
+        # capacity)
+        key = graph.num_structures if self.dynamic else tuple(tuple(x.shape) for x in inputs)
+        program = self._programs.get(key)
         if program is None:
-            traced = make_fx(self._outputs, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-                [parameter.detach() for parameter in parameters], *inputs)
+            traced = make_fx(self._outputs, tracing_mode="symbolic" if self.dynamic else "fake",
+                             _allow_non_fake_inputs=True)([parameter.detach() for parameter in parameters], *inputs)
             _views_to_reshapes(traced)
-            program = self._programs[graph.num_structures] = torch.compile(traced, dynamic=True,
-                                                                           backend=self.backend)
+            program = self._programs[key] = torch.compile(traced, dynamic=self.dynamic, backend=self.backend,
+                                                          mode=self.mode)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed by now
         energy, forces, stress = program(parameters, *inputs)
-        return {"energy": energy, "forces": forces, "stress": stress}
+        out = {"energy": energy, "forces": forces, "stress": stress}
+        return out if self.padding is None else EdgePadding.unpad(out, graph.num_nodes, graph.num_structures)
 
 
 def _dynamic_shapes():

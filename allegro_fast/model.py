@@ -357,10 +357,11 @@ class Allegro(AllegroPotential):
 
     def neighbor_slots(self, graph: AtomicGraph) -> int | None:
         """K for the neighbour-slot layout (the largest neighbour count), or None for the edge-list layout.
-        A traced program uses the K its caller fixed (`AtomicGraph.fixed_slots`, see `export.ForceField`), or
-        else the edge-list layout (its edge count is symbolic); eager calls choose with `slot_count`."""
+        A traced program uses the K its caller fixed (`AtomicGraph.fixed_slots`, see `export.ForceField`; 0: the
+        edge-list layout), or else the edge-list layout (its edge count is symbolic); eager calls choose with
+        `slot_count`."""
         if graph.fixed_slots is not None:
-            return graph.fixed_slots
+            return graph.fixed_slots or None
         num_edges = graph.edge_index.shape[1]
         if torch.compiler.is_compiling() or isinstance(num_edges, torch.SymInt):
             return None

@@ -119,12 +119,12 @@ def test_kernel_profile_times_the_tiled_layer_kernels_on_request(tmp_path, thres
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("provider,task", [("triton-compiled", "inference"), ("triton-compiled", "train"),
-                                           ("triton-graphs", "inference")])
+                                           ("triton-graphs", "inference"), ("triton-graphs", "train")])
 def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkeypatch, provider, task):
     """The "triton-compiled" provider's worker builds the triton backend, runs it through `compile_model` /
     `TrainingForceField`, and (inference) checks its forces against the torch backend's; "triton-graphs" is the
-    same with compile_model's CUDA graphs (mode="reduce-overhead", static shapes, padded edges). Under the interpreter, with a
-    small model and aot_eager (the graph inductor would compile) to keep it short."""
+    same with CUDA graphs (mode="reduce-overhead", static shapes, padded edges; here without the graphs). Under the
+    interpreter, with a small model and aot_eager (the graph inductor would compile) to keep it short."""
     import ase.io
     from ase.build import bulk
 
@@ -142,7 +142,8 @@ def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkey
     options = []
     monkeypatch.setattr(export, "compile_model",
                         lambda model, **kwargs: options.append(kwargs) or compile_model(model, backend="aot_eager"))
-    monkeypatch.setattr(export, "TrainingForceField", lambda model: training(model, backend="aot_eager"))
+    monkeypatch.setattr(export, "TrainingForceField", lambda model, **kwargs: options.append(kwargs) or training(
+        model, backend="aot_eager", **{key: value for key, value in kwargs.items() if key != "mode"}))
 
     atoms = bulk("Ag", "fcc", a=4.09, cubic=True)  # 4 atoms: the interpreter is slow
     atoms.rattle(0.05, seed=0)
@@ -153,10 +154,10 @@ def test_triton_compiled_worker_times_the_compiled_triton_model(tmp_path, monkey
     settings = {"device": "cpu", "repeats": 1, "warmup": 0, "seed": 0, "threads": 1, "batch_size": 1}
     row = bench_cli.run_our_job(provider, job, settings)
     assert row["num_edges"] == 4 * 12 and len(row["times_ms"]) == 1  # nearest neighbours only at r_max 3.2
+    graphs = {"mode": "reduce-overhead", "dynamic": False, "edge_headroom": 0.2}
+    assert options == [graphs if provider == "triton-graphs" else {}]
     if task == "inference":
         assert row["force_error_vs_torch"] < 1e-10 and row["repeat_force_difference"] == 0.0
-        graphs = {"mode": "reduce-overhead", "dynamic": False, "edge_headroom": 0.2}
-        assert options == [graphs if provider == "triton-graphs" else {}]
     else:
         assert "force_error_vs_torch" not in row and row["repeat_gradient_difference"] == 0.0
 

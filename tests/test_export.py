@@ -237,6 +237,47 @@ def test_training_force_field_gradients_match_eager():
         training(af.AtomicGraph.from_ase(lonely_and_pair()[:2], r_max=model.config.r_max))
 
 
+@pytest.mark.parametrize("device", ["torch-cpu", *TRITON_DEVICES])
+def test_static_padded_training_force_field_matches_eager(device):
+    """TrainingForceField(dynamic=False, edge_headroom=...), the training step CUDA graphs replay: the edges are
+    padded in a ghost structure, the program is traced for static shapes, and the loss's parameter gradients are
+    the eager model's (the ghosts reach neither the outputs nor the gradients); steps with other edge counts under
+    the capacity reuse the program. The torch backend and the triton one (interpreter, aot_eager) on the CPU; on
+    CUDA the triton backend with mode="reduce-overhead", i.e. CUDA graphs through our Triton ops."""
+    from allegro_fast.export import TrainingForceField
+
+    backend, device = ("torch", "cpu") if device == "torch-cpu" else ("triton", device)
+    torch.manual_seed(0)
+    model = af.Allegro(small_config(num_layers=2, l_max=1, num_tensor_features=3), backend=backend).double()
+    model = model.to(device)
+    options = {"mode": "reduce-overhead"} if device == "cuda" else {"backend": "aot_eager"}
+    training = TrainingForceField(model, dynamic=False, edge_headroom=1.0, **options)
+    parameters = list(model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss(out):
+        return out["energy"].pow(2).sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
+
+    steps = [af.AtomicGraph.from_ase(periodic_cho(seed), r_max=model.config.r_max).to(device=device)
+             for seed in (2, 5, 6)]
+    assert len({graph.num_edges for graph in steps}) > 1
+    if device == "cpu" and backend == "triton":
+        steps = steps[:2]  # the interpreter: 40 s a step
+    for index, graph in enumerate(steps * (2 if device == "cuda" else 1)):  # CUDA: the first calls record
+        out = training(graph)
+        expected = model(graph, compute_stress=True, create_graph=True)
+        label = f"step {index}"
+        for key in ("energy", "forces", "stress"):
+            assert out[key].shape == expected[key].shape, f"{label}: {key} shape"
+            assert_close(out[key], expected[key], f"{label}: {key}", TOLERANCE[torch.float64])
+        ours = torch.autograd.grad(loss(out), parameters, allow_unused=True)
+        reference = torch.autograd.grad(loss(expected), parameters, allow_unused=True)
+        for name, a, b in zip(names, ours, reference):
+            if b is not None:
+                assert_close(a, b, f"{label}: d loss / d {name}", TOLERANCE[torch.float64])
+    assert training.padding.resizes == 1 and len(training._programs) == 1
+
+
 def test_training_force_field_with_inductor_one_species():
     """The inductor-compiled training program for a one-species model (whose per-edge species scale has one
     entry: inductor's CPU code for a gather's backward into one element fails, so the model broadcasts it)."""

@@ -20,11 +20,12 @@ the stages of a call that cannot hold them all):
     cuda_tests         python -m pytest -m "cuda and not compile_heavy" tests, in parallel processes (CPU dry
                        run: -m cuda, all skipped); meanwhile, in the background, precompile_default: the default
                        model's kernels for the timed stages (CUDA)
-    e2e_headline       the issue's first target: Ag 32000 atoms, energy + forces, triton against nequip-triton
-                       (eager with nequip-allegro's Triton kernel) and nequip-triton-aoti (AOTInductor + that kernel,
-                       its fastest inference path; minutes of compiling)
+    e2e_headline       the issue's first target: Ag 32000 atoms, energy + forces, triton eager and triton-graphs
+                       (CUDA graphs, padded edges) against nequip-triton (eager with nequip-allegro's Triton kernel)
+                       and nequip-triton-aoti (AOTInductor + that kernel, its fastest inference path; minutes of
+                       compiling; --skip-providers leaves providers out)
     e2e_training       the issue's second and third: a training step on Ag 2048 atoms (time, peak memory), triton
-                       against nequip eager
+                       eager, triton-graphs and triton-compiled against nequip eager and nequip-compiled
     overhead           Ag 256 energy + forces and an aspirin training step under torch.profiler (bench_cli
                        --profile-calls): launches, host and GPU time per call, triton / triton-graphs (CUDA
                        graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on
@@ -304,6 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
                         help="run only the stages whose names start with these, e.g. --only kernels e2e_models")
     parser.add_argument("--install-log", type=Path, default=None, help="log of run_suite.sh's install step")
+    parser.add_argument("--skip-providers", nargs="+", default=[], metavar="PROVIDER",
+                        help="leave these bench_cli providers out of the end-to-end stages, e.g. nequip-triton-aoti "
+                             "(minutes of compiling) where its row is already measured")
     args = parser.parse_args(argv)
     import torch
 
@@ -351,14 +355,21 @@ def main(argv=None) -> int:
     # force_error_vs_torch, a check of the numbers timed should the CUDA tests not have passed.
     targets = ["--repeats", "10", "--warmup", "3"] if full else ["--quick", "--no-isolate", "--threads", "1"]
     targets += ["--profile-calls", "3"]  # our rows get host_profile: where the call's host and GPU time go
-    suite.run("e2e_headline", [*e2e, *targets, "--timeout", "150", "--jobs", "ag32k:default:inference" if full
-                               else "ag32:default:inference", "--providers", "triton", "nequip-triton",
-                               "nequip-triton-aoti", "--output", str(work / "e2e-headline.json")], 220,
-              outputs=("e2e-headline.json",))
-    suite.run("e2e_training", [*e2e, *targets, "--timeout", "80", "--jobs", "ag2048:default:train" if full
-                               else "ag32:default:train", "--providers", "triton", "nequip",
-                               "--output", str(work / "e2e-training.json")], 100,
-              outputs=("e2e-training.json",))
+
+    def providers(*names: str) -> list[str]:
+        return ["--providers", *[name for name in names if name not in args.skip_providers]]
+
+    # triton-graphs: CUDA graphs of the compiled program (static shapes, padded edges); its first call compiles
+    suite.run("e2e_headline", [*e2e, *targets, "--timeout", "200", "--jobs", "ag32k:default:inference" if full
+                               else "ag32:default:inference",
+                               *providers("triton", "triton-graphs", "nequip-triton", "nequip-triton-aoti"),
+                               "--output", str(work / "e2e-headline.json")], 300, outputs=("e2e-headline.json",))
+    # the training step eager, compiled (inductor around our ops) and as CUDA graphs, against nequip eager and
+    # nequip compiled (its compile_mode="compile")
+    suite.run("e2e_training", [*e2e, *targets, "--timeout", "150", "--jobs", "ag2048:default:train" if full
+                               else "ag32:default:train",
+                               *providers("triton", "triton-graphs", "triton-compiled", "nequip", "nequip-compiled"),
+                               "--output", str(work / "e2e-training.json")], 300, outputs=("e2e-training.json",))
 
     # Why small systems sit on a floor of ~6-9 ms per call (H200, 2026-12-04): the host's side of a call, profiled
     # (kernel launches, time in ops, GPU time), for the backends eager and under torch.compile; not merged into e2e.json
