@@ -116,6 +116,12 @@ class TrainingConfig:
         (`allegro_fast.export.TrainingForceField`: make_fx, then torch.compile with dynamic shapes), so the
         force loss needs no double backward through eager ops. The first step of each batch size compiles
         (1-2 minutes on a CPU); on the aspirin benchmark step it was 1.4-1.6x faster on 2 CPU cores.
+    cuda_graphs: with compile on a CUDA device, replay the compiled step's forward and loss backward as CUDA graphs
+        (torch.compile mode="reduce-overhead"): static shapes, the edges padded to 1.2x the first batch's count in a
+        ghost structure that the loss never sees (`export.EdgePadding`). One capture per number of atoms in a batch
+        and per edge capacity, so it suits batches of a fixed size (one molecule, frames of one simulation cell);
+        the Python and launch overhead of a step is gone (Ag 2048 atoms on an H200: 9.2 ms per step against 38.0 ms
+        eager, bench/README).
     """
 
     energy_weight: float = 1.0
@@ -140,6 +146,7 @@ class TrainingConfig:
     progress_bar: bool = True
     plots: bool = True
     compile: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -179,6 +186,10 @@ class TrainingConfig:
             fail(f"num_threads must be at least 1, got {self.num_threads}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             fail(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got '{self.device}'")
+        if self.cuda_graphs and not self.compile:
+            fail("cuda_graphs replays the compiled step: it needs compile: true")
+        if self.cuda_graphs and self.device == "cpu":
+            fail("cuda_graphs needs a CUDA device, got device: cpu")
 
 
 @dataclasses.dataclass(frozen=True)

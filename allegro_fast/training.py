@@ -44,7 +44,7 @@ from .atomic_files import atomic_write
 from .data import LabelledDataset, read_frames, species_of, split_frames
 from .evaluation import ErrorSums, format_metrics, metrics_from_predictions, predict
 from .model import Allegro
-from .run_config import RunConfig, load_run_config
+from .run_config import ConfigError, RunConfig, load_run_config
 from .serialization import save
 from .statistics import fit_statistics
 
@@ -219,7 +219,12 @@ class Trainer:
         if settings.compile:
             from .export import TrainingForceField
 
-            self.compiled_step = TrainingForceField(self.model)
+            graphs = {}
+            if settings.cuda_graphs:
+                if self.device.type != "cuda":
+                    raise ConfigError(f"training.cuda_graphs needs a CUDA device; this run's device is {self.device}")
+                graphs = {"mode": "reduce-overhead", "dynamic": False, "edge_headroom": 0.2}
+            self.compiled_step = TrainingForceField(self.model, **graphs)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
         self.epoch = 0
         self.best_epoch = 0

@@ -1105,6 +1105,12 @@ class LayerLaunch:
     num_warps: int
     block_o: int = 0  # output channels per mixing tile (tiled kernels)
     block_o_backward: int = 0  # output channels per chunk of the transposed mixing (tiled backward)
+    num_stages: int | None = None  # Triton's software pipelining of the edge loops (None: Triton's default)
+
+    @property
+    def options(self) -> dict:
+        """The launch's keyword options besides the constexprs: num_warps, and num_stages where set."""
+        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
 
     @property
     def tiled(self) -> bool:
@@ -1157,7 +1163,7 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
                  mixed_or_any.stride(1), center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer"):
         _layer_kernel(key, False, launch)[(center_ptr.numel() - 1,)](
-            *arguments, **launch.constants(features.dtype), num_warps=launch.num_warps)
+            *arguments, **launch.constants(features.dtype), **launch.options)
     return scalars, mixed
 
 
@@ -1194,7 +1200,7 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
                  center_ptr, channels]
     with nvtx_range("allegro_fast.fused_layer.backward"):
         _layer_kernel(key, True, launch)[(center_ptr.numel() - 1,)](
-            *arguments, **launch.constants(features.dtype, backward=True), num_warps=launch.num_warps)
+            *arguments, **launch.constants(features.dtype, backward=True), **launch.options)
     grad_harmonics = grad_harmonics[:, 0] if slices == 1 else grad_harmonics.sum(1)
     return grad_env_weights, grad_harmonics, grad_features
 

@@ -175,13 +175,13 @@ def test_layer_launch_tuner_checks_every_variant_against_the_default(tmp_path):
     output = tmp_path / "tune.json"
     environment = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu" / "tune_layer.py"), "--device", "cpu",
-                             "--edges", "64", "--variants", "16x4", "--repeats", "1", "--output", str(output)],
+                             "--edges", "64", "--variants", "16x4s1", "--repeats", "1", "--output", str(output)],
                             capture_output=True, text=True, cwd=REPO, env=environment, check=False, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(output.read_text())["rows"]
     assert {(r["position"], r["pass"], r["variant"]) for r in rows} == {
         (position, name, variant) for position in ("first", "last") for name in ("forward", "backward")
-        for variant in ("default", "16x4")}
+        for variant in ("default", "16x4s1")}
     assert all(r["relative_difference"] < 1e-5 and r["median_ms"] > 0 for r in rows)
 
 

@@ -15,6 +15,7 @@ import torch
 import allegro_fast as af
 from allegro_fast.demo import generate_silver_frames
 from allegro_fast.evaluation import evaluate
+from allegro_fast.run_config import ConfigError
 from allegro_fast.training import (
     ExponentialMovingAverage,
     TrainingDiverged,
@@ -182,6 +183,36 @@ def test_compiled_training_follows_the_eager_trajectory(silver_file, tmp_path, m
     eager_weights, compiled_weights = af.load(eager.model_path).state_dict(), af.load(compiled.model_path).state_dict()
     for key, value in eager_weights.items():
         torch.testing.assert_close(compiled_weights[key], value, rtol=1e-9, atol=1e-12)
+
+
+def test_cuda_graphs_need_compile_and_a_cuda_device(silver_file, tmp_path):
+    """training.cuda_graphs: a clear error where it cannot apply (no compile; a CPU run)."""
+    with pytest.raises(ConfigError, match="cuda_graphs replays the compiled step: it needs compile: true"):
+        train(tiny_config(silver_file, cuda_graphs=True), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device, got device: cpu"):
+        train(tiny_config(silver_file, cuda_graphs=True, compile=True, device="cpu"), tmp_path / "b", progress=False)
+    if not torch.cuda.is_available():  # device "auto" resolves to the CPU here
+        with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device; this run's device is cpu"):
+            train(tiny_config(silver_file, cuda_graphs=True, compile=True), tmp_path / "c", progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_cuda_graph_training_follows_the_eager_trajectory(silver_file, tmp_path):
+    """training.cuda_graphs with the triton backend (float64): the compiled step replayed as CUDA graphs, with
+    padded edges, gives the losses and weights of eager training."""
+    runs = {}
+    for name, options in (("eager", {}), ("graphs", {"compile": True, "cuda_graphs": True})):
+        config = tiny_config(silver_file, max_epochs=2, device="cuda", **options)
+        config["model"]["backend"] = "triton"
+        runs[name] = train(config, tmp_path / name, progress=False)
+    for a, b in zip(read_metrics(runs["eager"].metrics_path), read_metrics(runs["graphs"].metrics_path)):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9), (a, b)
+        assert math.isclose(a["validation_loss"], b["validation_loss"], rel_tol=1e-9), (a, b)
+    eager, graphs = (af.load(runs[name].model_path).state_dict() for name in ("eager", "graphs"))
+    for key, value in eager.items():
+        torch.testing.assert_close(graphs[key], value, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.cuda

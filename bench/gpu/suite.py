@@ -6,15 +6,16 @@ package first); directly:
     python bench/gpu/suite.py --out results/                 # CUDA
     python bench/gpu/suite.py --device cpu --quick --out /tmp/suite   # dry run of the same stages here
     bash bench/gpu/run_suite.sh --only cuda_tests roofline    # a second call: the stages the first had no time for
-    bash bench/gpu/run_suite.sh --only cuda_tests_heavy       # the CUDA tests whose kernels take minutes to compile
+    bash bench/gpu/run_suite.sh --only heavy_cuda_tests       # the CUDA tests whose kernels take minutes to compile
 
 Every stage runs in its own subprocess (and process group, killed whole on timeout) with a timeout taken from
 the remaining budget (--budget seconds, default 560, counted from run_suite.sh's start so that one device call
 of 10 minutes holds the install, the suite and the archive); a stage that fails or runs out of time is recorded
 with its error and the next one runs. The summary, the merged results and the archive of every log are written into
 the out folder after every stage, so a run killed from outside still brings back what finished. Stages, in order
-of priority (on an H200, 2026-12-04, environment to e2e_training took 331 s and roofline 28 s more; `--only` picks
-the stages of a call that cannot hold them all):
+of priority (on an H200, 2026-12-04: cuda_tests 121 s, e2e_headline 114 s with triton, triton-graphs and
+nequip-triton, e2e_training 189 s with triton, triton-graphs, triton-compiled and nequip, roofline 28 s; `--only`
+picks the stages of a call that cannot hold them all, `--skip-providers` leaves rows already measured out):
 
     environment        nvidia-smi, CPU/GPU model, versions of torch / triton / e3nn / allegro_fast, commit
     cuda_tests         python -m pytest -m "cuda and not compile_heavy" tests, in parallel processes (CPU dry
@@ -32,13 +33,14 @@ the stages of a call that cannot hold them all):
                        precompile_rmd17 (CUDA) compiles the rMD17 model's kernels in the background
     roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline
     tune_layer         bench/gpu/tune_layer.py: the fused kernels' forward and backward under other launch
-                       parameters (BLOCK_E x warps), checked against the default launch (tune-layer.json)
+                       parameters (BLOCK_E x warps, Triton's num_stages), checked against the default launch
+                       (tune-layer.json; each variant's line in tune_layer.log as it finishes)
     e2e_default        end to end, default model, every case (allegro_fast.bench_cli)
     kernels_<op>       pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
     kernels_layer_tiled_float32  the n = 32 middle layer again with the channel-tiled kernels (the threshold's data)
     e2e_models         end to end, the speed and rMD17 models (after waiting for precompile_rmd17)
     plots              bench/plot.py
-    cuda_tests_heavy   the CUDA tests marked compile_heavy (minutes of ptxas; CUDA only)
+    heavy_cuda_tests   the CUDA tests marked compile_heavy (minutes of ptxas; CUDA only)
 
 Out folder (at most 8 files, as the device tool brings back): summary.txt (the final table and every
 stage's last lines), summary.json (stages, timings, errors), e2e.json (all end-to-end rows merged),
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
         precompiling = suite.start("precompile_default", [
             python, "-m", "allegro_fast.kernels.precompile", "--preset", "default", "--type-names", "Ag", "--training",
             "--processes", "4", "--output", str(work / "precompile-default.json")], needed_by="e2e_headline")
-    if cuda:  # the tests marked compile_heavy (minutes of ptxas each) run in the last stage, cuda_tests_heavy
+    if cuda:  # the tests marked compile_heavy (minutes of ptxas each) run in the last stage, heavy_cuda_tests
         suite.run("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda and not compile_heavy", "tests", "-p",
                                  "no:cacheprovider", *parallel], 150)
     else:
@@ -443,8 +445,8 @@ def main(argv=None) -> int:
     if (work / "e2e.json").exists():  # merged by every stage's publish
         suite.run("plots", [python, "bench/plot.py", str(work / "e2e.json"), str(work / "roofline.json")
                             if (work / "roofline.json").exists() else str(work / "e2e.json"), "--out", str(work)], 60)
-    if cuda:  # last: minutes of compiling (the l_max 3 channel-tiled backward); alone: --only cuda_tests_heavy
-        suite.run("cuda_tests_heavy", [python, "-m", "pytest", "-q", "-m", "cuda and compile_heavy", "tests", "-p",
+    if cuda:  # last: minutes of compiling (the l_max 3 channel-tiled backward); alone: --only heavy_cuda_tests
+        suite.run("heavy_cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda and compile_heavy", "tests", "-p",
                                        "no:cacheprovider", *parallel], 420)
     suite.record("kernel_rows", lambda: len(merge_kernel_profiles(work)))  # publishes the final summary
     text = table(suite.stages)

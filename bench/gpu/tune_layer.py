@@ -9,7 +9,8 @@ fastest only a GPU says; every variant's outputs are checked against the default
     python bench/gpu/tune_layer.py                                  # default model, 262144 edges, float32
     python bench/gpu/tune_layer.py --edges 65536 --variants 16x4 16x8 32x8 --output tune.json
 
-Variants are BLOCK_ExWARPS; the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
+Variants are BLOCK_ExWARPS, or BLOCK_ExWARPSsSTAGES with Triton's num_stages (software pipelining of the edge
+loops: ptxas gives the first-layer forward 107 registers with 1 stage, 128 with Triton's default 3); the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
 (tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
 """
 
@@ -32,7 +33,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from roofline import fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.py)
 
-DEFAULT_VARIANTS = ("16x2", "16x4", "16x8", "16x16", "32x4", "32x8", "32x16", "64x8")
+DEFAULT_VARIANTS = ("16x8s1", "16x16", "16x8s2", "32x16", "16x16s1", "32x8", "16x4", "64x8")
+
+
+def parse_variant(variant: str, default_launch):
+    """"16x8" (BLOCK_E x warps) or "16x8s1" (and Triton's num_stages) -> the default launch with those set."""
+    sizes, _, stages = variant.partition("s")
+    block_e, warps = (int(part) for part in sizes.split("x"))
+    return dataclasses.replace(default_launch, block_e=block_e, num_warps=warps,
+                               num_stages=int(stages) if stages else default_launch.num_stages)
 
 
 def relative_difference(got: tuple, expected: tuple) -> float:
@@ -89,12 +98,11 @@ def main(argv=None) -> int:
                 if variant == "default":
                     launch = default_launch
                 else:
-                    block_e, warps = (int(part) for part in variant.split("x"))
-                    launch = dataclasses.replace(default_launch, block_e=block_e, num_warps=warps)
+                    launch = parse_variant(variant, default_launch)
                 chosen["launch"] = launch
                 for name, fn in (("forward", forward), ("backward", backward)):
                     row = {"position": position, "pass": name, "variant": variant, "block_e": launch.block_e,
-                           "num_warps": launch.num_warps}
+                           "num_warps": launch.num_warps, "num_stages": launch.num_stages}
                     try:
                         begin = time.perf_counter()
                         out = fn()
