@@ -7,6 +7,8 @@
 
 Cases (DESIGN section 6; the same structures go to every provider through one extxyz file):
     ag32 / ag256 / ag2048 / ag32k  fcc Ag, a = 4.09 Å, cubic cell x2 / x4 / x8 / x20, rattled 0.05 Å (seed 0)
+    ag2048x2                       two ag2048 frames (seeds 0 and 1): a batch of 2 (nequip's compiled training
+                                   compiles only for batches of >= 2 frames)
     water192 / water1536           liquid water frame 0 of ../shared/data/water/data_0, as is / x (2, 2, 2)
     aspirin                        --batch-size rMD17 aspirin frames (labelled), one batch
 Models: the presets "default" (2 layers, l_max 2, 64 scalar / 16 tensor features), "speed" (the paper's
@@ -82,6 +84,8 @@ CASES = {
     "ag256": "fcc Ag 4x4x4 cubic cells, 256 atoms",
     "ag2048": "fcc Ag 8x8x8 cubic cells, 2048 atoms",
     "ag32k": "fcc Ag 20x20x20 cubic cells, 32000 atoms",
+    "ag2048x2": "two ag2048 frames (rattle seeds 0 and 1), a batch of 2 structures: nequip's compiled training "
+                "(compile_mode: compile) runs eagerly on single-frame batches",
     "water192": "liquid water, 192 atoms (frame 0 of water/data_0)",
     "water1536": "liquid water frame 0 replicated 2x2x2, 1536 atoms",
     "aspirin": "rMD17 aspirin, a batch of --batch-size frames of 21 atoms",
@@ -124,10 +128,14 @@ def build_frames(case: str, batch_size: int = 5):
     from ase.calculators.singlepoint import SinglePointCalculator
 
     if case.startswith("ag"):
-        repeat = {"ag32": 2, "ag256": 4, "ag2048": 8, "ag32k": 20}[case]
-        atoms = bulk("Ag", "fcc", a=4.09, cubic=True).repeat((repeat,) * 3)
-        atoms.rattle(0.05, seed=0)
-        return ["Ag"], [atoms]
+        size, _, copies = case.partition("x")
+        repeat = {"ag32": 2, "ag256": 4, "ag2048": 8, "ag32k": 20}[size]
+        frames = []
+        for seed in range(int(copies or 1)):
+            atoms = bulk("Ag", "fcc", a=4.09, cubic=True).repeat((repeat,) * 3)
+            atoms.rattle(0.05, seed=seed)
+            frames.append(atoms)
+        return ["Ag"], frames
     if case.startswith("water"):
         folder = data_dir() / "water" / "data_0"
         if not folder.exists():

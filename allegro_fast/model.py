@@ -436,8 +436,12 @@ class Allegro(AllegroPotential):
     def slot_update(self, layer: TorchAllegroLayer, layout: NeighborSlots, x: torch.Tensor, scalars: torch.Tensor,
                     envelope: torch.Tensor) -> torch.Tensor:
         """The latent MLP's residual update of x (E, F) from the layer's scalar paths (N K, S n) per slot."""
+        return self.residual_update(x, layer.latent_mlp(x, select_unique(scalars, 0, layout.slot)), envelope)
+
+    def residual_update(self, x: torch.Tensor, update: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
+        """x' = a x + b u(r) MLP(...): the latent MLP's output `update` (E, F) weighted by the envelope (E, 1), in
+        two passes over (E, F) (a x, then one addcmul), and two more in backward."""
         config = self.config
-        update = layer.latent_mlp(x, select_unique(scalars, 0, layout.slot))
         return torch.addcmul(config.residual_old_weight * x, update, envelope * config.residual_new_weight)
 
     def slot_layer(self, layer: TorchAllegroLayer, layout: NeighborSlots, x: torch.Tensor, v: torch.Tensor,
@@ -486,8 +490,8 @@ class Allegro(AllegroPotential):
                 else:
                     blocks = layer.tensor_product.split(layer.tensor_product(v_chunks[k], local_env))
                 scalars = layer.tensor_product.scalars(blocks)
-                update = layer.latent_mlp(x_chunks[k], scalars) * envelope_chunks[k]
-                new_x.append(config.residual_old_weight * x_chunks[k] + config.residual_new_weight * update)
+                new_x.append(self.residual_update(x_chunks[k], layer.latent_mlp(x_chunks[k], scalars),
+                                                  envelope_chunks[k]))
                 if layer.mixing is not None:
                     new_v.append(layer.channel_mixing(blocks, layer.mixing.weight))
             x = torch.cat(new_x) if len(new_x) > 1 else new_x[0]
@@ -530,8 +534,7 @@ class Allegro(AllegroPotential):
             mixing = torch.cat([layer.channel_mixing.group_weight(group, weight)
                                 for group in range(len(layer.channel_mixing.groups))]).view(-1, n, n)
         scalars, mixed = fused_layer(key, weights, harmonics, features, mixing, center_ptr)
-        update = layer.latent_mlp(x, scalars.flatten(1)) * envelope
-        x = config.residual_old_weight * x + config.residual_new_weight * update
+        x = self.residual_update(x, layer.latent_mlp(x, scalars.flatten(1)), envelope)
         return x, (mixed if layer.mixing is not None else None)
 
     def _triton_edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:

@@ -416,6 +416,9 @@ def run_one_job(provider, job, settings):
     row = {"num_atoms": num_atoms, "num_edges": num_edges, "num_structures": len(frames), "r_max": r_max,
            "num_parameters": sum(p.numel() for p in model.parameters()), "modifiers": modifiers,
            "notes": ["nequip always computes the virial as well"]}
+    if provider == "nequip-compiled" and len(frames) < 2:
+        row["notes"].append("compile_mode=compile: nequip's CompileGraphModel runs the eager model for single-frame "
+                            "inputs (0/1 specialisation guard in CompileGraphModel.forward), so this timing is eager")
     if preset != "default":
         row["notes"].append("nequip has one hidden width per MLP: sizes approximate allegro_fast's preset "
                             f"'{preset}' (see MODEL_PRESETS in bench/nequip_runner.py)")

@@ -1123,8 +1123,19 @@ class LayerLaunch:
                 "BLOCK_O": self.block_o_backward if backward else self.block_o}
 
 
-def layer_launch(channels: int, dtype: torch.dtype, device_type: str) -> LayerLaunch:
-    """The launch of a fused layer with `channels` channels.
+# Warps of the one-block float32 kernels at n <= 16 (BLOCK_N 16) whose product has at most this many columns: 4, not
+# `_num_warps`'s 8. Timed on an H200 (Triton 3.6, 262,144 edges, `bench/gpu/tune_layer.py`, results/gpu-h200-2026-12-04/
+# tune-layer.json): the default model's first layer (35 product columns) forward 1.043 -> 0.675 ms, backward 1.730 ->
+# 1.320 ms, its last layer (3 columns) 0.302 -> 0.232 and 0.993 -> 0.524 ms, outputs within 1.9e-7 of the 8-warp
+# launch's; though ptxas gives the first layer's backward 255 registers and 856 B of spill at 4 warps (8 warps: 40 B).
+# Larger products (l_max 3: 99-156 columns; l_max 2 middle layers: 51) keep 8 warps: untimed, and at 4 warps ptxas
+# spills up to 8 KB there.
+FEW_WARPS_PRODUCT_COLUMNS = 35
+
+
+def layer_launch(channels: int, dtype: torch.dtype, device_type: str, product_columns: int | None = None) -> LayerLaunch:
+    """The launch of a fused layer with `channels` channels (and `product_columns` columns in its product, which
+    picks the warps of small float32 layers, see FEW_WARPS_PRODUCT_COLUMNS; None: the rule without it).
 
     Up to TILE_CHANNELS_ABOVE one program holds all channels, and the mixing is tl.dot (IEEE float32) of
     (BLOCK_E, BLOCK_N) tiles. Above, such tiles do not fit in registers (sm_90, ptxas: n = 64 with l_max 2 spilled
@@ -1136,7 +1147,11 @@ def layer_launch(channels: int, dtype: torch.dtype, device_type: str) -> LayerLa
     block_n = max(16, 1 << max(channels - 1, 0).bit_length())  # tl.dot takes no side below 16 on a GPU
     block_e = 32 if device_type == "cpu" else 16  # the interpreter: few large programs are fastest
     if channels <= TILE_CHANNELS_ABOVE:
-        return LayerLaunch(block_e, block_n, block_n, None, _num_warps(block_e, block_n))
+        warps = _num_warps(block_e, block_n)
+        if (dtype == torch.float32 and block_n == 16 and product_columns is not None
+                and product_columns <= FEW_WARPS_PRODUCT_COLUMNS):
+            warps = 4
+        return LayerLaunch(block_e, block_n, block_n, None, warps)
     block_o = min(block_n, TILED_BLOCK_O)
     return LayerLaunch(block_e, min(block_n, TILED_BLOCK_C), block_n, max(1, ACCUMULATOR_ELEMENTS // block_o),
                        TILED_WARPS, block_o, min(block_n, TILED_BACKWARD_BLOCK_O))
@@ -1152,7 +1167,7 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
     mixed = features.new_empty((num_edges, layer.output_dim, channels))
     if num_edges == 0 or channels == 0:
         return scalars, mixed
-    launch = layer_launch(channels, features.dtype, features.device.type)
+    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
@@ -1180,7 +1195,7 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
         return grad_env_weights, grad_harmonics, grad_features
     if channels == 0:
         return grad_env_weights, grad_harmonics.zero_(), grad_features
-    launch = layer_launch(channels, features.dtype, features.device.type)
+    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns)
     # Slices of Y's cotangent, summed below in a fixed order: the environment's share, one per channel block of the
     # tiled kernel; in the first layer as many again for V^0's share. Stored (E, slices, D): no stride depends on E
     # (Triton specialises on integers divisible by 16, and precompiled kernels must fit every structure).

@@ -204,3 +204,13 @@ def test_gpu_suite_merges_around_a_stage_killed_while_writing(tmp_path):
     runner = suite.Suite(tmp_path, out, budget=60)
     runner.add({"stage": "kernels_layer_float64", "status": "timeout", "seconds": 1.0})
     assert {"summary.txt", "summary.json", "kernels.json", "e2e.json", "suite.tar.gz"} <= {p.name for p in out.iterdir()}
+
+
+def test_silver_cases_build_their_frames():
+    """The Ag cases: one rattled supercell, or (ag2048x2) two with different rattles, a batch of 2 structures for
+    nequip's compiled training, which runs eagerly on single-frame batches."""
+    type_names, frames = bench_cli.build_frames("ag32")
+    assert type_names == ["Ag"] and [len(atoms) for atoms in frames] == [32]
+    _, frames = bench_cli.build_frames("ag2048x2")
+    assert [len(atoms) for atoms in frames] == [2048, 2048]
+    assert not (frames[0].positions == frames[1].positions).all()

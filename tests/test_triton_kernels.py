@@ -225,6 +225,26 @@ def test_tiled_fused_layer_matches_reference(tiled_layers, device, l_max, parity
     check_fused_layer_backward(device, l_max, parity, channels, layer, dtype)
 
 
+def test_layer_launch_gives_small_float32_layers_four_warps():
+    """The launch timed fastest on an H200 (tune_layer, FEW_WARPS_PRODUCT_COLUMNS): 4 warps for float32 layers with
+    n <= 16 and a product of at most 35 columns (the default model's layers); 8 for larger products, float64, and
+    callers that do not say how many columns."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    launch = kernels.layer_launch
+    assert launch(16, torch.float32, "cuda", 35).num_warps == 4
+    assert launch(5, torch.float32, "cuda", 3).num_warps == 4  # BLOCK_N is 16 for any n <= 16
+    assert launch(16, torch.float32, "cuda", 51).num_warps == 8  # an l_max 2 middle layer
+    assert launch(16, torch.float64, "cuda", 35).num_warps == 8
+    assert launch(16, torch.float32, "cuda").num_warps == 8
+    assert launch(32, torch.float32, "cuda", 3).num_warps == 16
+    for config, warps in (((2, 2), [4, 4]), ((2, 3), [8, 8, 4]), ((3, 2), [8, 4])):  # (l_max, layers)
+        model = af.Allegro(af.AllegroConfig(type_names=("H",), l_max=config[0], num_layers=config[1],
+                                            num_tensor_features=16), backend="torch")
+        columns = [kernels._LAYERS[key].product.operands[2].columns for key in model._triton_forms()]
+        assert [launch(16, torch.float32, "cuda", c).num_warps for c in columns] == warps, (config, columns)
+
+
 def test_layer_launch_tiles_wide_layers():
     """Up to 32 channels one program holds them all; above, the kernels loop over blocks of 16 channels, mix
     into chunks of 32 output channels and at most ACCUMULATOR_ELEMENTS / BLOCK_O output columns per pass (the

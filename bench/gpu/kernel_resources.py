@@ -96,8 +96,9 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
         yield (f"edge_geometry.backward{'.frequencies' if frequency_grad else ''}", edge_geometry._kernel(*arguments, True),
                {**geometry, "FREQUENCY_GRAD": frequency_grad}, 4)
     model = af.Allegro(config, backend="torch")
-    launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda")
     for index, key in enumerate(model._triton_forms()):
+        launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda",
+                                      kernels._LAYERS[key].product.operands[2].columns)
         for backward in (False, True):
             yield (f"layer{index}.{'backward' if backward else 'forward'}",
                    kernels._layer_kernel(key, backward, launch),

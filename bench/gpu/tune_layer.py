@@ -78,14 +78,15 @@ def main(argv=None) -> int:
     config = af.AllegroConfig(type_names=("Ag",), l_max=args.l_max, num_tensor_features=args.channels,
                               num_layers=args.layers, avg_num_neighbors=28.0)
     model = af.Allegro(config, backend="triton").to(device=device, dtype=dtype)
-    default_launch = kernels.layer_launch(args.channels, dtype, device.type)
-    chosen = {"launch": default_launch}
     original = kernels.layer_launch
-    kernels.layer_launch = lambda channels, dtype_, device_type: chosen["launch"]
-    rows = []
+    chosen = {}
+    kernels.layer_launch = lambda *arguments, **options: chosen["launch"]
+    rows, default_launches = [], {}
     try:
         for index, position in ((0, "first"), (args.layers - 1, "last")):
             key, inputs, (scalars, mixed), center_ptr = fused_layer_inputs(model, index, args.edges, dtype, device)
+            default_launch = original(args.channels, dtype, device.type, kernels._LAYERS[key].product.operands[2].columns)
+            default_launches[position] = dataclasses.asdict(default_launch)
 
             def forward():
                 return kernels._launch_layer(key, *inputs, center_ptr)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "commit": os.environ.get("ALLEGRO_FAST_COMMIT"),
               "settings": {k: v for k, v in vars(args).items() if k != "output"},
-              "default_launch": dataclasses.asdict(default_launch), "rows": rows}
+              "default_launch": default_launches, "rows": rows}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         temporary = args.output.with_name(args.output.name + ".tmp")
