@@ -234,17 +234,23 @@ class EdgePadding:
     a cutoff apart, each padding edge joining a ghost to the next one (the last to the one before), spread evenly
     over the ghosts, so no center gets a long run of edges. The real atoms' edges and CSR segments are unchanged
     and the ghost structure shares no edge with them: their energies, forces and stress are the unpadded ones
-    (the matmuls see more rows, so equal to rounding, not bitwise). `unpad` cuts the ghosts off the outputs."""
+    (the matmuls see more rows, so equal to rounding, not bitwise). `unpad` cuts the ghosts off the outputs.
+
+    With `pad_atoms` the atoms are padded to a capacity as well (the first call's count times 1 + `headroom`, plus
+    two ghosts at least, rounded up to a multiple of 8): the ghosts fill it, so batches of other atom counts (training
+    on structures of different sizes) keep the same shapes. Ghosts beyond the padding edges' share have no edge."""
 
     def __init__(self, r_max: float, atomic_number: int, headroom: float = 0.2, multiple: int = 256,
-                 edges_per_ghost: int = 32) -> None:
+                 edges_per_ghost: int = 32, pad_atoms: bool = False) -> None:
         if not headroom >= 0:
             raise ValueError(f"EdgePadding: headroom must be >= 0, got {headroom!r}")
         self.r_max, self.atomic_number = float(r_max), int(atomic_number)
         self.headroom, self.multiple, self.edges_per_ghost = float(headroom), int(multiple), int(edges_per_ghost)
+        self.pad_atoms = pad_atoms
         self.capacity = 0  # edges
+        self.atom_capacity = 0  # real atoms + ghosts (pad_atoms)
         self.ghosts = 0  # atoms of the ghost structure
-        self.resizes = 0  # how often the capacity was raised (each time, new shapes)
+        self.resizes = 0  # how often a capacity was raised (each time, new shapes)
 
     def pad(self, positions: torch.Tensor, cell: torch.Tensor, atomic_numbers: torch.Tensor, edge_index: torch.Tensor,
             edge_shift: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -254,6 +260,12 @@ class EdgePadding:
             self.capacity = -(-wanted // self.multiple) * self.multiple
             self.ghosts = max(2, -(-(self.capacity - num_edges) // self.edges_per_ghost))
             self.resizes += 1
+        if self.pad_atoms:
+            if num_atoms + 2 > self.atom_capacity:
+                wanted = int(num_atoms * (1.0 + self.headroom)) + 2
+                self.atom_capacity = -(-wanted // 8) * 8
+                self.resizes += 1
+            self.ghosts = self.atom_capacity - num_atoms
         padding, ghosts, device = self.capacity - num_edges, self.ghosts, positions.device
         ghost_index = torch.arange(ghosts, device=device)
         ghost_positions = torch.zeros(ghosts, 3, dtype=positions.dtype, device=device)
@@ -339,9 +351,9 @@ def compile_model(
     return CompiledForceField(force_field, compiled, padding)
 
 
-def _ghost_padding(model: AllegroPotential, edge_headroom: float) -> EdgePadding:
+def _ghost_padding(model: AllegroPotential, edge_headroom: float, pad_atoms: bool = False) -> EdgePadding:
     number = int(torch.nonzero(model.type_of_atomic_number == 0)[0, 0])  # the ghosts: the first species
-    return EdgePadding(model.config.r_max, number, headroom=edge_headroom)
+    return EdgePadding(model.config.r_max, number, headroom=edge_headroom, pad_atoms=pad_atoms)
 
 
 class TrainingForceField:
@@ -357,10 +369,10 @@ class TrainingForceField:
     traces without code generation). Graphs need at least 2 atoms and 2 edges (sizes 0 and 1 are specialized while tracing).
 
     For CUDA graphs: ``mode="reduce-overhead", dynamic=False, edge_headroom=0.2`` traces and compiles for static
-    shapes, with the edges padded to a capacity in a ghost structure (`EdgePadding`, cut off the outputs, so
-    nothing of it reaches the loss), and torch.compile replays the forward and the loss backward as CUDA graphs:
-    one program per number of atoms and edge capacity, which suits batches of a fixed size (one molecule, an MD
-    trajectory), not batches whose atom count changes at every step.
+    shapes, with the edges and the atoms padded to capacities in a ghost structure (`EdgePadding` with
+    pad_atoms, cut off the outputs, so nothing of it reaches the loss), and torch.compile replays the forward and
+    the loss backward as CUDA graphs: one program per number of structures in a batch and pair of capacities
+    (raised, with a new program, when a batch exceeds them).
     """
 
     def __init__(self, model: AllegroPotential, backend: str = "inductor", *, mode: str | None = None,
@@ -368,7 +380,8 @@ class TrainingForceField:
         self.model = model
         self.force_field = ForceField(model, create_graph=True, edge_list=True)
         self.backend, self.mode, self.dynamic = backend, mode, dynamic
-        self.padding = None if edge_headroom is None else _ghost_padding(model, edge_headroom)
+        # training batches change their atom count too: both are padded
+        self.padding = None if edge_headroom is None else _ghost_padding(model, edge_headroom, pad_atoms=True)
         self._names = [name for name, _ in self.force_field.named_parameters()]
         self._programs: dict[object, object] = {}
 

@@ -118,6 +118,27 @@ def test_edge_padding_leaves_the_real_atoms_alone(headroom):
         assert_matches_model(out, model, graph, f"padded by {padding_edges} edges, {graph.num_nodes} atoms")
 
 
+def test_edge_padding_of_atoms_gives_batches_of_other_sizes_one_shape():
+    """EdgePadding(pad_atoms=True): structures of different sizes (a batch, a periodic cell, a molecule, atoms with
+    0 and 1 neighbours), padded after the largest, all get the same input shapes; the real atoms' outputs are the
+    model's."""
+    model = tiny_model(torch.float64)
+    force_field = ForceField(model)
+    r_max = model.config.r_max
+    largest = af.AtomicGraph.from_ase([periodic_cho(4), lonely_and_pair(), ethanol(5)], r_max=r_max)
+    others = [af.AtomicGraph.from_ase(atoms, r_max=r_max) for atoms in ([periodic_cho(2), ethanol(3), ethanol(4)],
+                                                                         [lonely_and_pair(), periodic_cho(6), ethanol(7)])]
+    padding = EdgePadding(r_max, atomic_number=1, headroom=0.5, multiple=16, edges_per_ghost=5, pad_atoms=True)
+    shapes = set()
+    for graph in [largest, *others]:
+        padded = padding.pad(*graph_inputs(graph))
+        shapes.add(tuple(tuple(x.shape) for x in padded))
+        assert padded[0].shape[0] == padding.atom_capacity >= graph.num_nodes + 2 and padding.atom_capacity % 8 == 0
+        out = EdgePadding.unpad(force_field(*padded), graph.num_nodes, graph.num_structures)
+        assert_matches_model(out, model, graph, f"atoms padded, {graph.num_nodes} atoms")
+    assert len(shapes) == 1 and padding.resizes == 2
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_edge_padding_with_the_triton_backend(device):
     """The same for the triton backend (segment sums over the padded CSR). On CUDA also the path padding is for:
@@ -239,10 +260,10 @@ def test_training_force_field_gradients_match_eager():
 
 @pytest.mark.parametrize("device", ["torch-cpu", *TRITON_DEVICES])
 def test_static_padded_training_force_field_matches_eager(device):
-    """TrainingForceField(dynamic=False, edge_headroom=...), the training step CUDA graphs replay: the edges are
-    padded in a ghost structure, the program is traced for static shapes, and the loss's parameter gradients are
-    the eager model's (the ghosts reach neither the outputs nor the gradients); steps with other edge counts under
-    the capacity reuse the program. The torch backend and the triton one (interpreter, aot_eager) on the CPU; on
+    """TrainingForceField(dynamic=False, edge_headroom=...), the training step CUDA graphs replay: the edges and
+    atoms are padded in a ghost structure, the program is traced for static shapes, and the loss's parameter
+    gradients are the eager model's (the ghosts reach neither the outputs nor the gradients); batches with other
+    edge and atom counts under the capacities reuse the program. The torch backend and the triton one (interpreter, aot_eager) on the CPU; on
     CUDA the triton backend with mode="reduce-overhead", i.e. CUDA graphs through our Triton ops."""
     from allegro_fast.export import TrainingForceField
 
@@ -258,9 +279,10 @@ def test_static_padded_training_force_field_matches_eager(device):
     def loss(out):
         return out["energy"].pow(2).sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
 
-    steps = [af.AtomicGraph.from_ase(periodic_cho(seed), r_max=model.config.r_max).to(device=device)
-             for seed in (2, 5, 6)]
-    assert len({graph.num_edges for graph in steps}) > 1
+    # other edge counts and (the molecule) another atom count: one program for all, within the capacities
+    steps = [af.AtomicGraph.from_ase(atoms, r_max=model.config.r_max).to(device=device)
+             for atoms in (periodic_cho(2), ethanol(3), periodic_cho(5))]
+    assert len({graph.num_edges for graph in steps}) > 1 and len({graph.num_nodes for graph in steps}) > 1
     if device == "cpu" and backend == "triton":
         steps = steps[:2]  # the interpreter: 40 s a step
     for index, graph in enumerate(steps * (2 if device == "cuda" else 1)):  # CUDA: the first calls record
@@ -275,7 +297,7 @@ def test_static_padded_training_force_field_matches_eager(device):
         for name, a, b in zip(names, ours, reference):
             if b is not None:
                 assert_close(a, b, f"{label}: d loss / d {name}", TOLERANCE[torch.float64])
-    assert training.padding.resizes == 1 and len(training._programs) == 1
+    assert training.padding.resizes == 2 and len(training._programs) == 1  # edges and atoms, set once
 
 
 def test_training_force_field_with_inductor_one_species():
