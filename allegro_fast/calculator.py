@@ -109,6 +109,10 @@ class AllegroCalculator(Calculator):
     the torch.compile backend, True is inductor). The first call compiles (about a minute on 2 CPU cores),
     later calls of any size reuse the program; on 2 CPU cores it was 1.2x faster than eager on 256-atom Ag
     and 2.4x on a 31-atom cell (README, "torch.compile, torch.export and AOTInductor").
+    ``cuda_graphs`` (default False; CUDA only): compile for static shapes with the edges padded to a capacity
+    (`compile_model(mode="reduce-overhead", dynamic=False, edge_headroom=0.2)`) and replay one CUDA graph per step
+    instead of launching every kernel from Python, which bounds small systems on a GPU (bench/README, GPU). The
+    first step compiles and captures; a step with more edges than the capacity raises it (one more compilation).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
@@ -120,6 +124,7 @@ class AllegroCalculator(Calculator):
         skin: float = 1.0,
         retain_memory: bool = True,
         compile: bool | str = False,
+        cuda_graphs: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -137,7 +142,15 @@ class AllegroCalculator(Calculator):
         self.neighbor_list_reuses = 0
         self._candidates: _CandidateList | None = None
         self._compiled = None
-        if compile:
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"AllegroCalculator: cuda_graphs needs a CUDA device, the model is on {self.device}")
+            if compile not in (False, True, "inductor"):
+                raise ValueError(f"AllegroCalculator: cuda_graphs compiles with inductor, got compile={compile!r}")
+            from .export import compile_model
+
+            self._compiled = compile_model(self.model, mode="reduce-overhead", dynamic=False, edge_headroom=0.2)
+        elif compile:
             from .export import compile_model
 
             self._compiled = compile_model(self.model, backend="inductor" if compile is True else str(compile))

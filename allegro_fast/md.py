@@ -198,11 +198,12 @@ def run_md(
     device=None,
     initial_temperature_K: float | None = None,
     compile: bool | str = False,
+    cuda_graphs: bool = False,
 ) -> MDResult:
     """Run ``steps`` MD steps of ``atoms`` (copied, never modified) with ``model`` and return an MDResult.
 
     model: an Allegro model (any backend, the reference, or ``allegro_fast.load(path)``'s result) or the
-    path of a saved model. skin (Å), device and compile go to the AllegroCalculator. progress shows a tqdm bar with
+    path of a saved model. skin (Å), device, compile and cuda_graphs go to the AllegroCalculator. progress shows a tqdm bar with
     the current temperature and conserved energy. initial_temperature_K (default: temperature_K) is the
     temperature of the initial Maxwell–Boltzmann velocities. With the triton backend on CUDA the kernels are
     first compiled in parallel processes (`kernels.precompile`).
@@ -217,7 +218,7 @@ def run_md(
     num_atoms = len(atoms)
     if num_atoms == 0:
         raise ValueError("run_md: the structure has no atoms")
-    calculator = AllegroCalculator(model, device=device, skin=skin, compile=compile)
+    calculator = AllegroCalculator(model, device=device, skin=skin, compile=compile, cuda_graphs=cuda_graphs)
     if getattr(calculator.model, "backend", None) == "triton" and calculator.device.type == "cuda":
         from .kernels.precompile import precompile  # in parallel processes, not one by one in the first step
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,38 @@ def test_compiled_calculator_matches_eager_along_md(model):
             step_and_compare()
     assert atoms.calc.neighbor_list_builds >= 2
     assert len(slot_counts) >= 2, f"the neighbour-slot count should change along the run, saw {slot_counts}"
+
+
+def test_cuda_graphs_need_a_cuda_device_and_inductor(model):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, the model is on cpu"):
+            AllegroCalculator(model, cuda_graphs=True)
+    else:
+        with pytest.raises(ValueError, match="cuda_graphs compiles with inductor, got compile='aot_eager'"):
+            AllegroCalculator(model, device="cuda", cuda_graphs=True, compile="aot_eager")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_cuda_graph_calculator_matches_eager_along_md():
+    """cuda_graphs=True with the triton backend (float64): one CUDA graph replayed per MD step, edges padded; the
+    energies and forces of the eager model along a trajectory whose edge count changes."""
+    torch.manual_seed(0)
+    triton_model = af.Allegro(small_config(num_layers=2, l_max=1, num_tensor_features=3), backend="triton").double()
+    triton_model = triton_model.to("cuda")
+    atoms = periodic_cho(4)
+    atoms.calc = AllegroCalculator(triton_model, skin=0.3, cuda_graphs=True)
+    eager = AllegroCalculator(triton_model, skin=0.3)
+    rng = np.random.default_rng(1)
+    atoms.set_velocities(rng.normal(scale=0.02, size=(len(atoms), 3)))
+    dynamics = VelocityVerlet(atoms, 0.25 * units.fs)
+    edge_counts = set()
+    for _ in range(6):
+        dynamics.run(5)
+        edge_counts.add(atoms.calc._graph(atoms).num_edges)
+        copy = atoms.copy()
+        copy.calc = eager
+        np.testing.assert_allclose(atoms.get_potential_energy(), copy.get_potential_energy(), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(atoms.get_forces(), copy.get_forces(), rtol=1e-10, atol=1e-11)
+    assert len(edge_counts) >= 2 and atoms.calc._compiled.padding.resizes == 1
