@@ -185,6 +185,31 @@ def test_compiled_training_follows_the_eager_trajectory(silver_file, tmp_path, m
         torch.testing.assert_close(compiled_weights[key], value, rtol=1e-9, atol=1e-12)
 
 
+def test_static_padded_training_follows_the_eager_trajectory(silver_file, tmp_path, monkeypatch):
+    """What training.cuda_graphs runs, without the graphs (the CPU has none): the compiled step traced for static
+    shapes on padded edges and atoms (aot_eager), with optimizer steps between calls and a last, smaller batch per
+    epoch. Its losses and weights are eager training's (float64)."""
+    from allegro_fast import export
+
+    programs = []
+
+    class StaticPaddedTraining(export.TrainingForceField):
+        def __init__(self, model, **options):
+            super().__init__(model, backend="aot_eager", dynamic=False, edge_headroom=0.2)
+            programs.append(self._programs)
+
+    monkeypatch.setattr(export, "TrainingForceField", StaticPaddedTraining)
+    eager = train(tiny_config(silver_file, max_epochs=2), tmp_path / "eager", progress=False)
+    static = train(tiny_config(silver_file, max_epochs=2, compile=True), tmp_path / "static", progress=False)
+    for a, b in zip(read_metrics(eager.metrics_path), read_metrics(static.metrics_path)):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9), (a, b)
+        assert math.isclose(a["validation_loss"], b["validation_loss"], rel_tol=1e-9), (a, b)
+    eager_weights, static_weights = af.load(eager.model_path).state_dict(), af.load(static.model_path).state_dict()
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(static_weights[key], value, rtol=1e-9, atol=1e-12)
+    assert len(programs) == 1 and len(programs[0]) == 2  # batches of 3 structures and the last one of 1
+
+
 def test_cuda_graphs_need_compile_and_a_cuda_device(silver_file, tmp_path):
     """training.cuda_graphs: a clear error where it cannot apply (no compile; a CPU run)."""
     with pytest.raises(ConfigError, match="cuda_graphs replays the compiled step: it needs compile: true"):
