@@ -95,8 +95,7 @@ OUR_PROVIDERS = ("torch", "torch-compiled", "triton", "triton-compiled", "triton
 # ours, against which speedups are computed
 TIMED_OURS = ("torch", "torch-compiled", "triton", "triton-compiled", "triton-graphs")
 # under torch.compile: provider -> compile_model's options (inference)
-COMPILED = {"torch-compiled": {}, "triton-compiled": {},
-            "triton-graphs": {"mode": "reduce-overhead", "dynamic": False, "edge_headroom": 0.2}}
+COMPILED = ("torch-compiled", "triton-compiled", "triton-graphs")  # the last with export.CUDA_GRAPHS
 NEQUIP_PROVIDERS = ("nequip", "nequip-compiled", "nequip-triton", "nequip-cueq", "nequip-aoti", "nequip-triton-aoti")
 PROVIDERS = OUR_PROVIDERS + NEQUIP_PROVIDERS
 
@@ -352,6 +351,10 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
     config = af.AllegroConfig.preset(job["model"], type_names, avg_num_neighbors=probe.num_edges / probe.num_nodes)
     graph = af.AtomicGraph.from_ase(frames, r_max=config.r_max, dtype=dtype).to(device=device)
     compiled = provider in COMPILED  # the backend under torch.compile
+    if compiled:
+        from allegro_fast.export import CUDA_GRAPHS
+
+        compile_options = CUDA_GRAPHS if provider == "triton-graphs" else {}
     backend = provider.split("-")[0]
     if provider == "reference":
         model = af.reference.ReferenceAllegro(config)
@@ -367,7 +370,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if compiled:
             from allegro_fast.export import compile_model
 
-            evaluate = compile_model(model, **COMPILED[provider])
+            evaluate = compile_model(model, **compile_options)
 
         def step():
             with nvtx_range("forward+forces"):
@@ -385,7 +388,7 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if compiled:
             from allegro_fast.export import TrainingForceField
 
-            training_step = TrainingForceField(model, **COMPILED[provider])
+            training_step = TrainingForceField(model, **compile_options)
 
             def forward(graph, compute_stress):
                 return training_step(graph)

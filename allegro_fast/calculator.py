@@ -147,9 +147,9 @@ class AllegroCalculator(Calculator):
                 raise ValueError(f"AllegroCalculator: cuda_graphs needs a CUDA device, the model is on {self.device}")
             if compile not in (False, True, "inductor"):
                 raise ValueError(f"AllegroCalculator: cuda_graphs compiles with inductor, got compile={compile!r}")
-            from .export import compile_model
+            from .export import CUDA_GRAPHS, compile_model
 
-            self._compiled = compile_model(self.model, mode="reduce-overhead", dynamic=False, edge_headroom=0.2)
+            self._compiled = compile_model(self.model, **CUDA_GRAPHS)
         elif compile:
             from .export import compile_model
 

@@ -351,6 +351,12 @@ def compile_model(
     return CompiledForceField(force_field, compiled, padding)
 
 
+# compile_model's and TrainingForceField's options for CUDA graphs: static shapes, edges (and, training, atoms) padded
+# to 1.2x the first call's counts, one graph replayed per call (training.cuda_graphs, AllegroCalculator(cuda_graphs),
+# the benchmark's "triton-graphs")
+CUDA_GRAPHS = {"mode": "reduce-overhead", "dynamic": False, "edge_headroom": 0.2}
+
+
 def _ghost_padding(model: AllegroPotential, edge_headroom: float, pad_atoms: bool = False) -> EdgePadding:
     number = int(torch.nonzero(model.type_of_atomic_number == 0)[0, 0])  # the ghosts: the first species
     return EdgePadding(model.config.r_max, number, headroom=edge_headroom, pad_atoms=pad_atoms)

@@ -219,12 +219,11 @@ class Trainer:
         if settings.compile:
             from .export import TrainingForceField
 
-            graphs = {}
-            if settings.cuda_graphs:
-                if self.device.type != "cuda":
-                    raise ConfigError(f"training.cuda_graphs needs a CUDA device; this run's device is {self.device}")
-                graphs = {"mode": "reduce-overhead", "dynamic": False, "edge_headroom": 0.2}
-            self.compiled_step = TrainingForceField(self.model, **graphs)
+            from .export import CUDA_GRAPHS
+
+            if settings.cuda_graphs and self.device.type != "cuda":
+                raise ConfigError(f"training.cuda_graphs needs a CUDA device; this run's device is {self.device}")
+            self.compiled_step = TrainingForceField(self.model, **(CUDA_GRAPHS if settings.cuda_graphs else {}))
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
         self.epoch = 0
         self.best_epoch = 0

@@ -1073,9 +1073,10 @@ def _launch_slot(key: str, slot: int, first: torch.Tensor, second: torch.Tensor,
 def _num_warps(block_e: int, block_c: int) -> int:
     """Warps per program: about one thread per element of a (BLOCK_E, BLOCK_C) tile, since a layer program
     holds such a tile of every product column at once (and a slot program of many). Chosen from ptxas's resource counts
-    for sm_90 (`bench/gpu/kernel_resources.py`, compiled without a GPU; not timed on one yet): l_max 2, n 16
-    with 4 warps spills (255 registers, 960 B of stack in the backward), with 8 it does not (240); n 32 needs
-    16 (8 warps spill 7 KB in the backward)."""
+    for sm_90 (`bench/gpu/kernel_resources.py`, compiled without a GPU): l_max 2, n 16 with 4 warps spills (255
+    registers, 960 B of stack in the backward), with 8 it does not (240); n 32 needs 16 (8 warps spill 7 KB in the
+    backward). Timed on an H200, the default model's layer kernels were faster with 4 warps all the same:
+    `layer_launch` overrides this for them (FEW_WARPS_PRODUCT_COLUMNS); the slot kernels are untimed."""
     return max(4, min(16, block_e * block_c // 32))
 
 

@@ -11,7 +11,8 @@ the default launch's.
     python bench/gpu/tune_layer.py --edges 65536 --variants 16x4 16x8 32x8 --output tune.json
 
 Variants are BLOCK_ExWARPS, or BLOCK_ExWARPSsSTAGES with Triton's num_stages (software pipelining of the edge
-loops: ptxas gives the first-layer forward 107 registers with 1 stage, 128 with Triton's default 3); the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
+loops: ptxas gives the first-layer forward at 8 warps 107 registers with 1 stage, 128 with Triton's default 3); the
+one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
 (tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
 """
 
