@@ -215,6 +215,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience)
         self.ema = ExponentialMovingAverage(self.model, settings.ema_decay)
+        # Every gradient accumulates in place into a buffer allocated here, once (zero_grad keeps it). Otherwise the
+        # first backward hands autograd's own output over as .grad, and with training.cuda_graphs that is memory of
+        # the graphs' pool, overwritten by the next step's replay ("accessing tensor output of CUDAGraphs that has
+        # been overwritten by a subsequent run", H200, 2026-12-04).
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                parameter.grad = torch.zeros_like(parameter)
         self.compiled_step = None
         if settings.compile:
             from .export import TrainingForceField

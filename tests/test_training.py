@@ -15,9 +15,10 @@ import torch
 import allegro_fast as af
 from allegro_fast.demo import generate_silver_frames
 from allegro_fast.evaluation import evaluate
-from allegro_fast.run_config import ConfigError
+from allegro_fast.run_config import ConfigError, load_run_config
 from allegro_fast.training import (
     ExponentialMovingAverage,
+    Trainer,
     TrainingDiverged,
     read_metrics,
     train,
@@ -219,6 +220,23 @@ def test_cuda_graphs_need_compile_and_a_cuda_device(silver_file, tmp_path):
     if not torch.cuda.is_available():  # device "auto" resolves to the CPU here
         with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device; this run's device is cpu"):
             train(tiny_config(silver_file, cuda_graphs=True, compile=True), tmp_path / "c", progress=False)
+
+
+def test_gradients_accumulate_into_buffers_the_trainer_allocated(silver_file, tmp_path):
+    """Every parameter's gradient stays the buffer the trainer allocated, step after step: a gradient handed over
+    by autograd would, with training.cuda_graphs, be memory of the CUDA graphs' pool that the next step's replay
+    overwrites (test_cuda_graph_training_follows_the_eager_trajectory failed so on an H200)."""
+    trainer = Trainer(load_run_config(tiny_config(silver_file)), tmp_path / "run", progress=False)
+    try:
+        buffers = {name: p.grad.data_ptr() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        assert buffers
+        for _ in range(2):
+            trainer._train_epoch()
+            trainer.epoch += 1
+        assert {name: p.grad.data_ptr() for name, p in trainer.model.named_parameters() if p.requires_grad} == buffers
+        assert any(bool(p.grad.abs().sum() > 0) for p in trainer.model.parameters())
+    finally:
+        trainer.dist.close()
 
 
 @pytest.mark.cuda
