@@ -1131,12 +1131,18 @@ class LayerLaunch:
 # launch's; though ptxas gives the first layer's backward 255 registers and 856 B of spill at 4 warps (8 warps: 40 B).
 # Larger products (l_max 3: 99-156 columns; l_max 2 middle layers: 51) keep 8 warps: untimed, and at 4 warps ptxas
 # spills up to 8 KB there.
+# A second sweep from 4 warps (same size, results/gpu-h200-2026-12-04-warps/tune-layer.json) found 2 warps faster for
+# two of the four kernels: the first layer's forward 0.617 -> 0.496 ms and the last layer's backward 0.502 -> 0.437
+# ms, while 2 warps slowed the other two (first backward 1.271 -> 1.402 ms, last forward 0.184 -> 0.204 ms). So
+# among these layers: 2 warps for the forward of a layer that mixes and the backward of one that does not, else 4.
 FEW_WARPS_PRODUCT_COLUMNS = 35
 
 
-def layer_launch(channels: int, dtype: torch.dtype, device_type: str, product_columns: int | None = None) -> LayerLaunch:
-    """The launch of a fused layer with `channels` channels (and `product_columns` columns in its product, which
-    picks the warps of small float32 layers, see FEW_WARPS_PRODUCT_COLUMNS; None: the rule without it).
+def layer_launch(channels: int, dtype: torch.dtype, device_type: str, product_columns: int | None = None, *,
+                 backward: bool = False, mixes: bool = True) -> LayerLaunch:
+    """The launch of a fused layer's forward (or `backward`) kernel with `channels` channels (and `product_columns`
+    columns in its product, and whether it `mixes` channels into V: all layers but the last; these pick the warps
+    of small float32 layers, see FEW_WARPS_PRODUCT_COLUMNS; product_columns None: the rule without them).
 
     Up to TILE_CHANNELS_ABOVE one program holds all channels, and the mixing is tl.dot (IEEE float32) of
     (BLOCK_E, BLOCK_N) tiles. Above, such tiles do not fit in registers (sm_90, ptxas: n = 64 with l_max 2 spilled
@@ -1151,7 +1157,7 @@ def layer_launch(channels: int, dtype: torch.dtype, device_type: str, product_co
         warps = _num_warps(block_e, block_n)
         if (dtype == torch.float32 and block_n == 16 and product_columns is not None
                 and product_columns <= FEW_WARPS_PRODUCT_COLUMNS):
-            warps = 4
+            warps = 2 if mixes != backward else 4  # the mixing forward, the backward without mixing: 2
         return LayerLaunch(block_e, block_n, block_n, None, warps)
     block_o = min(block_n, TILED_BLOCK_O)
     return LayerLaunch(block_e, min(block_n, TILED_BLOCK_C), block_n, max(1, ACCUMULATOR_ELEMENTS // block_o),
@@ -1168,7 +1174,8 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
     mixed = features.new_empty((num_edges, layer.output_dim, channels))
     if num_edges == 0 or channels == 0:
         return scalars, mixed
-    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns)
+    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns,
+                          mixes=layer.output_dim > 0)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
@@ -1196,7 +1203,8 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
         return grad_env_weights, grad_harmonics, grad_features
     if channels == 0:
         return grad_env_weights, grad_harmonics.zero_(), grad_features
-    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns)
+    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns,
+                          backward=True, mixes=layer.output_dim > 0)
     # Slices of Y's cotangent, summed below in a fixed order: the environment's share, one per channel block of the
     # tiled kernel; in the first layer as many again for V^0's share. Stored (E, slices, D): no stride depends on E
     # (Triton specialises on integers divisible by 16, and precompiled kernels must fit every structure).

@@ -225,24 +225,31 @@ def test_tiled_fused_layer_matches_reference(tiled_layers, device, l_max, parity
     check_fused_layer_backward(device, l_max, parity, channels, layer, dtype)
 
 
-def test_layer_launch_gives_small_float32_layers_four_warps():
-    """The launch timed fastest on an H200 (tune_layer, FEW_WARPS_PRODUCT_COLUMNS): 4 warps for float32 layers with
-    n <= 16 and a product of at most 35 columns (the default model's layers); 8 for larger products, float64, and
-    callers that do not say how many columns."""
+def test_layer_launch_gives_small_float32_layers_few_warps():
+    """The launches timed fastest on an H200 (tune_layer, FEW_WARPS_PRODUCT_COLUMNS): for float32 layers with n <= 16
+    and a product of at most 35 columns (the default model's layers) 2 warps for the forward of a layer that mixes
+    and the backward of one that does not, 4 for the other two; 8 for larger products, float64, and callers that
+    do not say how many columns."""
     from allegro_fast.kernels import tensor_product as kernels
 
     launch = kernels.layer_launch
-    assert launch(16, torch.float32, "cuda", 35).num_warps == 4
-    assert launch(5, torch.float32, "cuda", 3).num_warps == 4  # BLOCK_N is 16 for any n <= 16
-    assert launch(16, torch.float32, "cuda", 51).num_warps == 8  # an l_max 2 middle layer
-    assert launch(16, torch.float64, "cuda", 35).num_warps == 8
-    assert launch(16, torch.float32, "cuda").num_warps == 8
-    assert launch(32, torch.float32, "cuda", 3).num_warps == 16
-    for config, warps in (((2, 2), [4, 4]), ((2, 3), [8, 8, 4]), ((3, 2), [8, 4])):  # (l_max, layers)
+    assert launch(16, torch.float32, "cuda", 35).num_warps == 2  # mixes (the default), forward
+    assert launch(16, torch.float32, "cuda", 35, backward=True).num_warps == 4
+    assert launch(5, torch.float32, "cuda", 3, mixes=False).num_warps == 4  # BLOCK_N is 16 for any n <= 16
+    assert launch(5, torch.float32, "cuda", 3, backward=True, mixes=False).num_warps == 2
+    for backward in (False, True):
+        assert launch(16, torch.float32, "cuda", 51, backward=backward).num_warps == 8  # an l_max 2 middle layer
+        assert launch(16, torch.float64, "cuda", 35, backward=backward).num_warps == 8
+        assert launch(16, torch.float32, "cuda", backward=backward).num_warps == 8
+        assert launch(32, torch.float32, "cuda", 3, backward=backward, mixes=False).num_warps == 16
+    # (l_max, layers) -> (forward, backward) warps per layer
+    for config, warps in (((2, 2), [(2, 4), (4, 2)]), ((2, 3), [(8, 8), (8, 8), (4, 2)]), ((3, 2), [(8, 8), (4, 2)])):
         model = af.Allegro(af.AllegroConfig(type_names=("H",), l_max=config[0], num_layers=config[1],
                                             num_tensor_features=16), backend="torch")
-        columns = [kernels._LAYERS[key].product.operands[2].columns for key in model._triton_forms()]
-        assert [launch(16, torch.float32, "cuda", c).num_warps for c in columns] == warps, (config, columns)
+        layers = [kernels._LAYERS[key] for key in model._triton_forms()]
+        got = [tuple(launch(16, torch.float32, "cuda", layer.product.operands[2].columns, backward=backward,
+                            mixes=layer.output_dim > 0).num_warps for backward in (False, True)) for layer in layers]
+        assert got == warps, (config, got)
 
 
 def test_layer_launch_tiles_wide_layers():

@@ -97,14 +97,14 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
                {**geometry, "FREQUENCY_GRAD": frequency_grad}, 4)
     model = af.Allegro(config, backend="torch")
     for index, key in enumerate(model._triton_forms()):
-        launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda",
-                                      kernels._LAYERS[key].product.operands[2].columns)
+        layer = kernels._LAYERS[key]
         for backward in (False, True):
+            launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda", layer.product.operands[2].columns,
+                                          backward=backward, mixes=layer.output_dim > 0)
             yield (f"layer{index}.{'backward' if backward else 'forward'}",
                    kernels._layer_kernel(key, backward, launch),
                    launch.constants(getattr(torch, dtype), backward), launch.num_warps)
         if slots:
-            layer = kernels._LAYERS[key]
             slot_e, slot_c = kernels._block_sizes(channels, torch.device("cuda"))
             for form_name, form in (("environment", layer.environment), ("product", layer.product)):
                 for slot in range(3):

@@ -4,7 +4,9 @@ edges per step (BLOCK_E) and warps per program, on one GPU, for the default mode
 Why: on an H200 (2026-12-04, `results/gpu-h200-2026-12-04/`) the fused forward reached 7-9 % of its roofline, and
 ptxas's register counts (`kernel_resources.py`) did not say which launch is fastest: the first sweep
 (`results/gpu-h200-2026-12-04-graphs/`) found 16 x 4 1.3-1.9x faster than the 16 x 8 of then, although it spills,
-and `layer_launch` uses it since for the default model. Only a GPU says; every variant's outputs are checked against
+and `layer_launch` used it since for the default model; a second sweep from there (`results/gpu-h200-2026-12-04-warps/`)
+found 2 warps faster for the first layer's forward and the last layer's backward, now the default for those. Only a
+GPU says; every variant's outputs are checked against
 the default launch's.
 
     python bench/gpu/tune_layer.py                                  # default model, 262144 edges, float32
@@ -35,8 +37,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from roofline import fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.py)
 
-# around the default since the H200 sweep of 2026-12-04 (16 x 4 for the default model: results/gpu-h200-2026-12-04-graphs)
-DEFAULT_VARIANTS = ("16x2", "16x4s1", "16x4s2", "32x4", "16x8", "32x8", "64x4")
+# around the defaults since the H200 sweeps of 2026-12-04 (the default model: 16 x 2 or 16 x 4 per kernel,
+# results/gpu-h200-2026-12-04-warps; 64 x 4 took 18x as long as the default in the first layer's backward)
+DEFAULT_VARIANTS = ("16x2", "16x4", "32x2", "32x4", "16x2s1", "16x2s2", "16x8")
 
 
 def parse_variant(variant: str, default_launch):
@@ -88,8 +91,11 @@ def main(argv=None) -> int:
     try:
         for index, position in ((0, "first"), (args.layers - 1, "last")):
             key, inputs, (scalars, mixed), center_ptr = fused_layer_inputs(model, index, args.edges, dtype, device)
-            default_launch = original(args.channels, dtype, device.type, kernels._LAYERS[key].product.operands[2].columns)
-            default_launches[position] = dataclasses.asdict(default_launch)
+            layer = kernels._LAYERS[key]
+            default_launch = {name: original(args.channels, dtype, device.type, layer.product.operands[2].columns,
+                                             backward=name == "backward", mixes=layer.output_dim > 0)
+                              for name in ("forward", "backward")}
+            default_launches[position] = {name: dataclasses.asdict(launch) for name, launch in default_launch.items()}
 
             def forward():
                 return kernels._launch_layer(key, *inputs, center_ptr)
@@ -99,12 +105,9 @@ def main(argv=None) -> int:
 
             expected = {}
             for variant in ["default", *args.variants]:
-                if variant == "default":
-                    launch = default_launch
-                else:
-                    launch = parse_variant(variant, default_launch)
-                chosen["launch"] = launch
                 for name, fn in (("forward", forward), ("backward", backward)):
+                    launch = default_launch[name] if variant == "default" else parse_variant(variant, default_launch[name])
+                    chosen["launch"] = launch
                     row = {"position": position, "pass": name, "variant": variant, "block_e": launch.block_e,
                            "num_warps": launch.num_warps, "num_stages": launch.num_stages}
                     try:
