@@ -217,8 +217,8 @@ def slot_template(model: AllegroPotential, edge_index: torch.Tensor, num_atoms: 
     neighbour-slot layout with K slots (`Allegro.slot_count`), else None. Computed outside the traced program:
     K is the largest neighbour count, a data-dependent value."""
     slot_count = getattr(model, "slot_count", None)
-    if slot_count is None:
-        return None
+    if slot_count is None or getattr(model, "backend", None) == "triton":
+        return None  # the triton backend always takes the edge list: no bincount (on CUDA a host sync per call)
     slots = slot_count(torch.bincount(edge_index[0], minlength=num_atoms), edge_index.shape[1])
     # At least 2 (a spare zero slot where every atom has one neighbour): tracing specializes sizes 0 and 1.
     return None if slots is None else edge_index.new_empty(max(slots, 2))
