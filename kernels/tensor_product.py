@@ -427,11 +427,15 @@ import triton.language as tl
 
 @triton.jit
 def mix(acc, t, w, DOT: tl.constexpr):
-    """acc + t @ w for (BLOCK_E, BLOCK_C) t and (BLOCK_C, BLOCK_C) w: tl.dot in IEEE float32 (no TF32), or
-    multiply and sum (float64, which tl.dot does not take on every GPU; the channel-tiled kernels). The product is
-    written w * t, not t * w: Triton's combine pass rewrites a float32 sum(t[:, :, None] * w[None, :, :], axis=1)
-    into a tt.dot, with TF32 inputs on Triton 3.6 (relative errors ~1e-3, seen on an H200)."""
-    if DOT:
+    """acc + t @ w for (BLOCK_E, BLOCK_C) t and (BLOCK_C, BLOCK_C) w. DOT 1: tl.dot in IEEE float32 (no TF32, on
+    the FMA units); 3: tl.dot as three TF32 tensor-core products of the inputs' high and low parts ("tf32x3", about
+    float32's accuracy); 0: multiply and sum (float64, which tl.dot does not take on every GPU; the channel-tiled
+    kernels). The product is written w * t, not t * w: Triton's combine pass rewrites a float32
+    sum(t[:, :, None] * w[None, :, :], axis=1) into a tt.dot, with TF32 inputs on Triton 3.6 (relative errors
+    ~1e-3, seen on an H200)."""
+    if DOT == 3:
+        acc = tl.dot(t, w, acc, input_precision="tf32x3")
+    elif DOT:
         acc = tl.dot(t, w, acc, input_precision="ieee")
     else:
         acc = acc + tl.sum(w[None, :, :] * t[:, :, None], axis=1)
@@ -1093,6 +1097,9 @@ TILED_BLOCK_C, TILED_BLOCK_O, TILED_WARPS = 16, 32, 8  # see `layer_launch`
 TILED_BACKWARD_BLOCK_O = 16
 
 
+DOT_PRECISIONS = {"ieee": 1, "tf32x3": 3}  # LayerLaunch.dot_precision -> the kernels' DOT constexpr (see `mix`)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerLaunch:
     """How a fused layer's kernels are launched for n channels: BLOCK_E edges per step; BLOCK_C channels per
@@ -1107,6 +1114,9 @@ class LayerLaunch:
     block_o: int = 0  # output channels per mixing tile (tiled kernels)
     block_o_backward: int = 0  # output channels per chunk of the transposed mixing (tiled backward)
     num_stages: int | None = None  # Triton's software pipelining of the edge loops (None: Triton's default)
+    # the one-block float32 kernels' mixing: "ieee" (tl.dot on the FMA units) or "tf32x3" (three TF32 tensor-core
+    # products, see `mix`); untimed, so not a default
+    dot_precision: str = "ieee"
 
     @property
     def options(self) -> dict:
@@ -1119,8 +1129,9 @@ class LayerLaunch:
 
     def constants(self, dtype: torch.dtype, backward: bool = False) -> dict:
         if not self.tiled:
-            return {"BLOCK_E": self.block_e, "BLOCK_C": self.block_c, "DOT": dtype != torch.float64}
-        return {"BLOCK_E": self.block_e, "BLOCK_C": self.block_c, "DOT": False,
+            dot = 0 if dtype == torch.float64 else DOT_PRECISIONS[self.dot_precision]
+            return {"BLOCK_E": self.block_e, "BLOCK_C": self.block_c, "DOT": dot}
+        return {"BLOCK_E": self.block_e, "BLOCK_C": self.block_c, "DOT": 0,
                 "BLOCK_O": self.block_o_backward if backward else self.block_o}
 
 

@@ -262,7 +262,7 @@ def test_layer_launch_tiles_wide_layers():
     assert kernels.layer_launch(5, torch.float32, "cuda").block_c == 16
     wide = kernels.layer_launch(128, torch.float32, "cuda")
     assert (wide.block_c, wide.block_o, wide.block_n, wide.columns_per_pass) == (16, 32, 128, 16)
-    assert wide.constants(torch.float32)["DOT"] is False
+    assert wide.constants(torch.float32)["DOT"] == 0
     assert wide.constants(torch.float32, backward=True)["BLOCK_O"] == 16
     assert kernels.layer_launch(40, torch.float64, "cuda").columns_per_pass == 16  # the same for every n > 32
     first = layer_form(3, True, 128, 0)  # the rMD17 preset's first layer: 31 output columns, 1-7 per irrep

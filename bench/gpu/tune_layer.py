@@ -13,8 +13,9 @@ the default launch's.
     python bench/gpu/tune_layer.py --edges 65536 --variants 16x4 16x8 32x8 --output tune.json
 
 Variants are BLOCK_ExWARPS, or BLOCK_ExWARPSsSTAGES with Triton's num_stages (software pipelining of the edge
-loops: ptxas gives the first-layer forward at 8 warps 107 registers with 1 stage, 128 with Triton's default 3); the
-one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
+loops: ptxas gives the first-layer forward at 8 warps 107 registers with 1 stage, 128 with Triton's default 3),
+either with "-tf32x3": the mixing's tl.dot as three TF32 tensor-core products instead of IEEE float32 on the FMA
+units (`LayerLaunch.dot_precision`); the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
 (tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
 """
 
@@ -39,15 +40,20 @@ from roofline import fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.
 
 # around the defaults since the H200 sweeps of 2026-12-04 (the default model: 16 x 2 or 16 x 4 per kernel,
 # results/gpu-h200-2026-12-04-warps; 64 x 4 took 18x as long as the default in the first layer's backward)
-DEFAULT_VARIANTS = ("16x2", "16x4", "32x2", "32x4", "16x2s1", "16x2s2", "16x8")
+# "-tf32x3": the mixing on the tensor cores in three TF32 products (about float32's accuracy; the difference column
+# says how close), untimed so far; ptxas (Triton 3.6, sm_90) spills the first layer's backward at 4 warps badly there
+DEFAULT_VARIANTS = ("16x2", "16x4", "32x2", "32x4", "16x2s1", "16x8", "16x2-tf32x3", "16x4-tf32x3", "32x4-tf32x3")
 
 
 def parse_variant(variant: str, default_launch):
-    """"16x8" (BLOCK_E x warps) or "16x8s1" (and Triton's num_stages) -> the default launch with those set."""
-    sizes, _, stages = variant.partition("s")
+    """"16x8" (BLOCK_E x warps), "16x8s1" (and Triton's num_stages), "16x8-tf32x3" (and the mixing's tl.dot
+    precision, `LayerLaunch.dot_precision`) -> the default launch with those set."""
+    launch, _, precision = variant.partition("-")
+    sizes, _, stages = launch.partition("s")
     block_e, warps = (int(part) for part in sizes.split("x"))
     return dataclasses.replace(default_launch, block_e=block_e, num_warps=warps,
-                               num_stages=int(stages) if stages else default_launch.num_stages)
+                               num_stages=int(stages) if stages else default_launch.num_stages,
+                               dot_precision=precision or default_launch.dot_precision)
 
 
 def relative_difference(got: tuple, expected: tuple) -> float:
@@ -109,7 +115,8 @@ def main(argv=None) -> int:
                     launch = default_launch[name] if variant == "default" else parse_variant(variant, default_launch[name])
                     chosen["launch"] = launch
                     row = {"position": position, "pass": name, "variant": variant, "block_e": launch.block_e,
-                           "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+                           "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                           "dot_precision": launch.dot_precision}
                     try:
                         begin = time.perf_counter()
                         out = fn()
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
                              else "")
                     status = row.get("error") or (f"{row['median_ms']:8.3f} ms  {ratio:>13s}  "
                                                   f"diff {row['relative_difference']:.1e}")
-                    print(f"{position:6s} {name:8s} {variant:8s} (BLOCK_E {launch.block_e:3d}, "
+                    print(f"{position:6s} {name:8s} {variant:12s} (BLOCK_E {launch.block_e:3d}, "
                           f"{launch.num_warps:2d} warps)  {status}", flush=True)
     finally:
         kernels.layer_launch = original
