@@ -117,9 +117,9 @@ class TrainingConfig:
         force loss needs no double backward through eager ops. The first step of each batch size compiles
         (1-2 minutes on a CPU); on the aspirin benchmark step it was 1.4-1.6x faster on 2 CPU cores.
     cuda_graphs: with compile on a CUDA device, replay the compiled step's forward and loss backward as CUDA graphs
-        (torch.compile mode="reduce-overhead"): static shapes, the edges and atoms padded to 1.2x the first batch's
-        counts in a ghost structure that the loss never sees (`export.EdgePadding`). One program per number of
-        structures in a batch (the last, smaller batch of an epoch gets its own) and per pair of capacities, raised
+        (torch.compile mode="reduce-overhead"): static shapes, the edges and atoms padded to (1 + h) times the first
+        batch's counts, h = 20 / sqrt(count) between 2 % and 20 % (`export.auto_headroom`), in a ghost structure
+        that the loss never sees (`export.EdgePadding`). One program per number of structures in a batch (the last, smaller batch of an epoch gets its own) and per pair of capacities, raised
         with a new program when a batch exceeds them; the Python and launch overhead of a step is gone (Ag 2048 atoms
         on an H200: 9.4 ms per step against 38.0 ms eager, bench/README).
     """

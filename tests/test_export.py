@@ -92,7 +92,7 @@ def test_compile_traces_one_graph_for_all_sizes(layout):
             assert_matches_model(compiled(graph), model, graph, f"compiled, {graph.num_nodes} atoms")
 
 
-@pytest.mark.parametrize("headroom", [0.0, 0.3, 3.0])
+@pytest.mark.parametrize("headroom", [0.0, 0.3, 3.0, "auto"])
 def test_edge_padding_leaves_the_real_atoms_alone(headroom):
     """EdgePadding's ghost structure (the padding edges, between ghost atoms only) changes nothing for the real
     atoms: ForceField on padded inputs, cut back, gives the model's energies, forces and stress; the padded
@@ -116,6 +116,27 @@ def test_edge_padding_leaves_the_real_atoms_alone(headroom):
         assert int(degrees.max()) <= -(-padding_edges // ghosts)
         out = EdgePadding.unpad(force_field(*padded), graph.num_nodes, graph.num_structures)
         assert_matches_model(out, model, graph, f"padded by {padding_edges} edges, {graph.num_nodes} atoms")
+
+
+def test_auto_headroom_shrinks_with_the_count_from_20_to_2_percent():
+    """headroom="auto" (CUDA_GRAPHS'): 20 / sqrt(count) between 0.02 and 0.2, so a million edges pay ~2 % of padding,
+    a small system 20 %; the capacity follows it, and a bad headroom is an error that says what it got."""
+    from allegro_fast.export import CUDA_GRAPHS, auto_headroom
+
+    assert CUDA_GRAPHS["edge_headroom"] == "auto"
+    assert auto_headroom(1) == auto_headroom(7_314) == 0.2
+    assert auto_headroom(58_494) == pytest.approx(20 / 58_494**0.5) and 0.08 < auto_headroom(58_494) < 0.09
+    assert auto_headroom(915_724) == pytest.approx(0.0209, abs=1e-4) and auto_headroom(10**8) == 0.02
+    padding = EdgePadding(5.0, atomic_number=1, headroom="auto")
+    for edges, fraction in ((915_724, 0.0209), (100, 0.2)):
+        padding.capacity = 0
+        edge_index = torch.zeros(2, edges, dtype=torch.long)
+        padding.pad(torch.zeros(2, 3), torch.zeros(1, 3, 3), torch.ones(2, dtype=torch.long), edge_index,
+                    torch.zeros(edges, 3), torch.zeros(2, dtype=torch.long))
+        assert edges * (1 + fraction) <= padding.capacity <= edges * (1 + fraction) + 256 + 1
+    for bad in (-0.1, "big", None):
+        with pytest.raises(ValueError, match="headroom must be a number >= 0 or 'auto', got"):
+            EdgePadding(5.0, atomic_number=1, headroom=bad)
 
 
 def test_edge_padding_of_atoms_gives_batches_of_other_sizes_one_shape():
