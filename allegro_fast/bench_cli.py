@@ -23,8 +23,8 @@ compiled: `export.compile_model` for inference, `export.TrainingForceField`, i.e
 for training; compilation happens in the untimed first call, reported as first_call_ms), "triton-compiled" (the same
 for the triton backend: inductor fuses the MLPs, the Triton ops stay as they are), "triton-graphs" (CUDA only:
 `compile_model` / `TrainingForceField` with `export.CUDA_GRAPHS`: mode="reduce-overhead", dynamic=False,
-edge_headroom="auto" (2-20 %): the edges padded to a capacity as in an MD run, static shapes, CUDA graphs replayed per call: energy + forces, or the
-training step's forward and loss backward), "reference" (ReferenceAllegro),
+edge_headroom="auto" (2-20 %): the edges padded to a capacity as in an MD run, static shapes, CUDA graphs
+replayed per call: energy + forces, or the training step's forward and loss backward), "reference" (ReferenceAllegro),
 "nequip" (nequip-allegro 0.8.3 eager), "nequip-compiled" (training with its compile_mode="compile":
 make_fx + torch.compile, compiled in the untimed first call), "nequip-aoti" (inference through its deployment
 path, `nequip-compile --mode aotinductor`, exported in the job: compile_s), and on CUDA "nequip-triton" (its Triton

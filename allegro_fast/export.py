@@ -358,9 +358,10 @@ def compile_model(
     to torch.compile (e.g. backend="aot_eager" traces without code generation).
 
     ``edge_headroom`` (e.g. 0.2, or "auto": 20 / sqrt(E) between 2 % and 20 %, `auto_headroom`): pad every call's
-    edges to a capacity of (1 + edge_headroom) times the first call's, in a ghost structure (`EdgePadding`), so that the shapes stay fixed across the steps of an MD run:
-    with dynamic=False one program serves them all, and mode="reduce-overhead" replays one CUDA graph per step
-    instead of launching every kernel from Python. A call with more edges raises the capacity (new shapes)."""
+    edges to a capacity of (1 + edge_headroom) times the first call's, in a ghost structure (`EdgePadding`), so
+    that the shapes stay fixed across the steps of an MD run: with dynamic=False one program serves them all, and
+    mode="reduce-overhead" replays one CUDA graph per step instead of launching every kernel from Python. A call
+    with more edges raises the capacity (new shapes)."""
     force_field = ForceField(model.eval())
     # the method, not the module: its inputs already require grad (see ForceField.derivatives)
     compiled = torch.compile(force_field.derivatives, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
@@ -393,10 +394,10 @@ class TrainingForceField:
     traces without code generation). Graphs need at least 2 atoms and 2 edges (sizes 0 and 1 are specialized while tracing).
 
     For CUDA graphs: ``mode="reduce-overhead", dynamic=False, edge_headroom="auto"`` (`CUDA_GRAPHS`) traces and
-    compiles for static shapes, with the edges and the atoms padded to capacities in a ghost structure (`EdgePadding` with
-    pad_atoms, cut off the outputs, so nothing of it reaches the loss), and torch.compile replays the forward and
-    the loss backward as CUDA graphs: one program per number of structures in a batch and pair of capacities
-    (raised, with a new program, when a batch exceeds them).
+    compiles for static shapes, with the edges and the atoms padded to capacities in a ghost structure
+    (`EdgePadding` with pad_atoms, cut off the outputs, so nothing of it reaches the loss), and torch.compile
+    replays the forward and the loss backward as CUDA graphs: one program per number of structures in a batch and
+    pair of capacities (raised, with a new program, when a batch exceeds them).
     """
 
     def __init__(self, model: AllegroPotential, backend: str = "inductor", *, mode: str | None = None,

@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             expected = {}
             for variant in ["default", *args.variants]:
                 for name, fn in (("forward", forward), ("backward", backward)):
-                    launch = default_launch[name] if variant == "default" else parse_variant(variant, default_launch[name])
+                    default = default_launch[name]
+                    launch = default if variant == "default" else parse_variant(variant, default)
                     chosen["launch"] = launch
                     row = {"position": position, "pass": name, "variant": variant, "block_e": launch.block_e,
                            "num_warps": launch.num_warps, "num_stages": launch.num_stages,
