@@ -1175,6 +1175,14 @@ def layer_launch(channels: int, dtype: torch.dtype, device_type: str, product_co
                        TILED_WARPS, block_o, min(block_n, TILED_BACKWARD_BLOCK_O))
 
 
+def fused_layer_launch(layer: FusedLayerForm, channels: int, dtype: torch.dtype, device_type: str,
+                       backward: bool = False) -> LayerLaunch:
+    """`layer_launch` for a registered layer's forward (or backward) kernel: its product's columns, and whether
+    it mixes (all layers but the last)."""
+    return layer_launch(channels, dtype, device_type, layer.product.operands[2].columns, backward=backward,
+                        mixes=layer.output_dim > 0)
+
+
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                   weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     layer = _LAYERS[key]
@@ -1185,8 +1193,7 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
     mixed = features.new_empty((num_edges, layer.output_dim, channels))
     if num_edges == 0 or channels == 0:
         return scalars, mixed
-    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns,
-                          mixes=layer.output_dim > 0)
+    launch = fused_layer_launch(layer, channels, features.dtype, features.device.type)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
@@ -1214,8 +1221,7 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
         return grad_env_weights, grad_harmonics, grad_features
     if channels == 0:
         return grad_env_weights, grad_harmonics.zero_(), grad_features
-    launch = layer_launch(channels, features.dtype, features.device.type, layer.product.operands[2].columns,
-                          backward=True, mixes=layer.output_dim > 0)
+    launch = fused_layer_launch(layer, channels, features.dtype, features.device.type, backward=True)
     # Slices of Y's cotangent, summed below in a fixed order: the environment's share, one per channel block of the
     # tiled kernel; in the first layer as many again for V^0's share. Stored (E, slices, D): no stride depends on E
     # (Triton specialises on integers divisible by 16, and precompiled kernels must fit every structure).

@@ -247,8 +247,8 @@ def test_layer_launch_gives_small_float32_layers_few_warps():
         model = af.Allegro(af.AllegroConfig(type_names=("H",), l_max=config[0], num_layers=config[1],
                                             num_tensor_features=16), backend="torch")
         layers = [kernels._LAYERS[key] for key in model._triton_forms()]
-        got = [tuple(launch(16, torch.float32, "cuda", layer.product.operands[2].columns, backward=backward,
-                            mixes=layer.output_dim > 0).num_warps for backward in (False, True)) for layer in layers]
+        got = [tuple(kernels.fused_layer_launch(layer, 16, torch.float32, "cuda", backward).num_warps
+                     for backward in (False, True)) for layer in layers]
         assert got == warps, (config, got)
 
 

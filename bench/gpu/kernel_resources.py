@@ -102,8 +102,7 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     for index, key in enumerate(model._triton_forms()):
         layer = kernels._LAYERS[key]
         for backward in (False, True):
-            launch = kernels.layer_launch(channels, getattr(torch, dtype), "cuda", layer.product.operands[2].columns,
-                                          backward=backward, mixes=layer.output_dim > 0)
+            launch = kernels.fused_layer_launch(layer, channels, getattr(torch, dtype), "cuda", backward)
             yield (f"layer{index}.{'backward' if backward else 'forward'}",
                    kernels._layer_kernel(key, backward, launch),
                    launch.constants(getattr(torch, dtype), backward), launch.num_warps)

@@ -4,10 +4,10 @@ edges per step (BLOCK_E) and warps per program, on one GPU, for the default mode
 Why: on an H200 (2026-12-04, `results/gpu-h200-2026-12-04/`) the fused forward reached 7-9 % of its roofline, and
 ptxas's register counts (`kernel_resources.py`) did not say which launch is fastest: the first sweep
 (`results/gpu-h200-2026-12-04-graphs/`) found 16 x 4 1.3-1.9x faster than the 16 x 8 of then, although it spills,
-and `layer_launch` used it since for the default model; a second sweep from there (`results/gpu-h200-2026-12-04-warps/`)
-found 2 warps faster for the first layer's forward and the last layer's backward, now the default for those. Only a
-GPU says; every variant's outputs are checked against
-the default launch's.
+and `layer_launch` used it since for the default model; a second sweep from there
+(`results/gpu-h200-2026-12-04-warps/`) found 2 warps faster for the first layer's forward and the last layer's
+backward, now the default for those. Only a GPU says; every variant's outputs are checked against the default
+launch's.
 
     python bench/gpu/tune_layer.py                                  # default model, 262144 edges, float32
     python bench/gpu/tune_layer.py --edges 65536 --variants 16x4 16x8 32x8 --output tune.json
@@ -90,16 +90,15 @@ def main(argv=None) -> int:
     config = af.AllegroConfig(type_names=("Ag",), l_max=args.l_max, num_tensor_features=args.channels,
                               num_layers=args.layers, avg_num_neighbors=28.0)
     model = af.Allegro(config, backend="triton").to(device=device, dtype=dtype)
-    original = kernels.layer_launch
+    original = kernels.fused_layer_launch
     chosen = {}
-    kernels.layer_launch = lambda *arguments, **options: chosen["launch"]
+    kernels.fused_layer_launch = lambda *arguments, **options: chosen["launch"]
     rows, default_launches = [], {}
     try:
         for index, position in ((0, "first"), (args.layers - 1, "last")):
             key, inputs, (scalars, mixed), center_ptr = fused_layer_inputs(model, index, args.edges, dtype, device)
             layer = kernels._LAYERS[key]
-            default_launch = {name: original(args.channels, dtype, device.type, layer.product.operands[2].columns,
-                                             backward=name == "backward", mixes=layer.output_dim > 0)
+            default_launch = {name: original(layer, args.channels, dtype, device.type, backward=name == "backward")
                               for name in ("forward", "backward")}
             default_launches[position] = {name: dataclasses.asdict(launch) for name, launch in default_launch.items()}
 
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
                     print(f"{position:6s} {name:8s} {variant:12s} (BLOCK_E {launch.block_e:3d}, "
                           f"{launch.num_warps:2d} warps)  {status}", flush=True)
     finally:
-        kernels.layer_launch = original
+        kernels.fused_layer_launch = original
     result = {"kind": "allegro-fast layer launch tuning", "date": datetime.datetime.now(datetime.timezone.utc)
               .isoformat(timespec="seconds"), "device": device.type,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
