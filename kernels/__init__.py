@@ -3,7 +3,8 @@
 - `edge_geometry`: lengths, Bessel basis, envelope and spherical harmonics of the edge vectors in one kernel;
 - `tensor_product`: the environment sum and the channel-wise tensor product as slots of two trilinear forms,
   with the fused per-center layer forward `fused_layer` (environment, product and channel mixing in one
-  kernel) and the slot kernels that make backward and double backward;
+  kernel), its one-kernel backward `fused_layer_backward`, whose derivative (force training's double backward)
+  runs the two layer kernels once per direction, and the slot kernels;
 - `segments`: sums over the edges of each atom and the atoms of each structure in a fixed order (no atomics),
   for energies and for the gradients to positions, cells and strains;
 - `precompile`: compile every kernel a model launches, in parallel processes, before its first call.

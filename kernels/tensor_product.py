@@ -28,8 +28,10 @@ The forward of a layer is one kernel, `fused_layer`: one program per center atom
 A over the center's edges in registers, then, per block of BLOCK_E of its edges, evaluates the product columns
 in registers, stores the (0, +1) scalar columns (the latent MLP's input) and the channel mixing V' (tl.dot of
 each product column with its path's (n, n) weight, accumulated per output column). Neither A nor T reaches
-global memory. Its backward recomputes A (one slot kernel), forms T's cotangent from those of the scalars and
-of V' (the transposed mixing, matmuls), and runs the slots; the weight gradient recomputes T.
+global memory. Its backward (`fused_layer_backward`) is one kernel per center as well; the mixing weights'
+gradient recomputes T with the product's slot kernel, range of edges by range. The double backward runs the
+layer's forward and backward kernels once per direction (`_backward_vjp`), never storing T or its cotangent;
+`composed_layer_backward` is the backward written with the slot kernels, a second derivation for the tests.
 
 Above 32 channels (`layer_launch`) the layer kernels are channel-tiled: still one program per center atom, but
 it loops over chunks of BLOCK_O output channels and within them over blocks of BLOCK_C input channels,
@@ -1352,19 +1354,37 @@ def _product_cotangent(layer: FusedLayerForm, grad_scalars: torch.Tensor | None,
     return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
 
 
-def _mixing_weight_gradient(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
-                            features: torch.Tensor, grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> torch.Tensor:
-    """The cotangent of the stacked mixing weights, sum_e T^T gV per path: T is recomputed (slot kernels), the
-    sums over edges are matmuls (fixed order, no atomics)."""
-    environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
-    product = trilinear_slot(layer.product.key, 2, layer_features(layer, features, harmonics), environment, center_ptr)
-    channels = features.shape[2]
-    parts = []
-    for group in layer.mixing:
-        block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
-        grad = grad_mixed[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
-        parts.append((block.reshape(grad.shape[0], -1).t() @ grad).view(group.num_paths, channels, channels))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+WEIGHT_GRADIENT_CHUNKS = 8  # edge ranges of the mixing weights' cotangent: T is held for one range at a time
+WEIGHT_GRADIENT_MIN_EDGES = 1024  # below this, one range
+
+
+def _mixing_weight_gradient(layer: FusedLayerForm, terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                            grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> torch.Tensor:
+    """The cotangent of the stacked mixing weights, sum_e T^T gV per path, for T = sum over `terms` (V, A) of the
+    product of the features V (E, D_in, n) (V^0 in the first layer) with the environment A (N, D2, n): T is
+    recomputed (product slot kernel) range of edges by range, each range's sums are matmuls, added in a fixed
+    order (no atomics). No (E, P, n) tensor is formed: a range's pointers are center_ptr shifted and clamped to
+    it, so every center's program sees only its edges in the range (static shapes: no host sync)."""
+    num_edges, channels = grad_mixed.shape[0], grad_mixed.shape[2]
+    # a traced program (symbolic edge count) always takes the ranges: a range may be empty, no guard on E
+    symbolic = isinstance(num_edges, torch.SymInt)
+    chunks = WEIGHT_GRADIENT_CHUNKS if symbolic or num_edges > WEIGHT_GRADIENT_MIN_EDGES else 1
+    bounds = [num_edges * index // chunks for index in range(chunks + 1)]
+    total = None
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        pointers = (center_ptr - start).clamp(0, stop - start)
+        grad = grad_mixed[start:stop]
+        for features, environment in terms:
+            product = trilinear_slot(layer.product.key, 2, features[start:stop], environment, pointers)
+            parts = []
+            for group in layer.mixing:
+                block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
+                rows = grad[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
+                parts.append((block.reshape(rows.shape[0], -1).t() @ rows).view(group.num_paths, channels,
+                                                                                  channels))
+            piece = torch.cat(parts) if len(parts) > 1 else parts[0]
+            total = piece if total is None else total + piece
+    return total
 
 
 def _layer_backward(ctx, grad_scalars, grad_mixed):
@@ -1387,7 +1407,9 @@ def _layer_backward(ctx, grad_scalars, grad_mixed):
         grad_env_weights, grad_harmonics, grad_features = fused_layer_backward(
             ctx.layer_key, env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
     if need_weights and layer.mixing:
-        grad_weights = _mixing_weight_gradient(layer, env_weights, harmonics, features, grad_mixed, center_ptr)
+        environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
+        grad_weights = _mixing_weight_gradient(layer, [(layer_features(layer, features, harmonics), environment)],
+                                               grad_mixed, center_ptr)
     elif need_weights:
         grad_weights = torch.zeros_like(weights)
     return (None, grad_env_weights if need_env_weights else None, grad_harmonics if need_harmonics else None,
@@ -1416,7 +1438,8 @@ def composed_layer_backward(layer: FusedLayerForm, env_weights: torch.Tensor, ha
                             features: torch.Tensor, weights: torch.Tensor, grad_scalars: torch.Tensor,
                             grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`fused_layer_backward` from differentiable ops (five slot kernels and matmuls; in the first layer V^0 and
-    its cotangent's chain to w0 and Y in plain torch): its own derivative."""
+    its cotangent's chain to w0 and Y in plain torch): a second derivation of the same function, which the tests
+    hold the kernel to."""
     v = layer_features(layer, features, harmonics)
     environment = trilinear_slot(layer.environment.key, 2, env_weights, harmonics, center_ptr)
     grad_product = _product_cotangent(layer, grad_scalars, grad_mixed, weights, v)
@@ -1430,30 +1453,135 @@ def composed_layer_backward(layer: FusedLayerForm, env_weights: torch.Tensor, ha
             grad_features)
 
 
+def plain_layer_key(layer: FusedLayerForm) -> str:
+    """The key of `layer` reading its features V from memory: the first layer's twin that takes V^0 itself."""
+    return register_layer(dataclasses.replace(layer, first_features=()))
+
+
+def _backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
+                  needed: Sequence[bool], center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
+    """The vector-Jacobian product of `fused_layer_backward` for a layer that reads V, from the layer's own
+    kernels: none of them stores the product T or its cotangent (E, P, n).
+
+    The backward's outputs are the gradient of <g_T, T(w, Y, V)>, with g_T linear in the cotangents (gS, gV') and
+    the weights W. Paired with cotangents (u_w, u_Y, u_V), they give the directional derivative
+    <g_T, dT>, dT = T(u_w, Y, V) + T(w, u_Y, V) + T(w, Y, u_V) (T is trilinear in (w, Y, V): the environment is
+    bilinear in (w, Y), the product bilinear in (V, A)). So, with one direction per cotangent:
+    - (w, Y, V) get the gradient of <g_T, T(.)> at each direction, the backward kernel once per direction, each
+      input taking its share from the directions that keep it (T(u_w, Y, V) gives Y's and V's);
+    - W, gS and gV' get theirs from dT (`_directional_output_gradients`).
+    Every piece is a differentiable op, so orders beyond the second follow."""
+    env_weights, harmonics, features, weights, grad_scalars, grad_mixed = tensors
+    grads: list[torch.Tensor | None] = [None] * 6
+    for d, direction in _directions(tensors[:3], cotangents):
+        if not any(needed[slot] for slot in range(3) if slot != d):
+            continue
+        outputs = fused_layer_backward(key, *direction, weights, grad_scalars, grad_mixed, center_ptr)
+        for slot in range(3):
+            if slot != d and needed[slot]:
+                grads[slot] = outputs[slot] if grads[slot] is None else grads[slot] + outputs[slot]
+    grads[3:] = _directional_output_gradients(key, tensors, cotangents, needed, center_ptr)
+    return _needed_gradients(tensors, grads, needed)
+
+
+def _directions(inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None]):
+    """(d, (w, Y, V) with input d replaced by its cotangent) for every cotangent that is not None."""
+    return [(d, tuple(u if slot == d else x for slot, x in enumerate(inputs)))
+            for d, u in enumerate(cotangents) if u is not None]
+
+
+def _directional_output_gradients(key: str, tensors: Sequence[torch.Tensor],
+                                  cotangents: Sequence[torch.Tensor | None], needed: Sequence[bool],
+                                  center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
+    """The cotangents of (W, gS, gV') in `_backward_vjp` (a layer that reads V): (gS, gV') get the layer's outputs
+    for dT, the forward kernel once per direction; W gets sum_e dT^T gV' (`_mixing_weight_gradient`, the
+    environments of the directions that share V summed first)."""
+    layer = _LAYERS[key]
+    env_weights, harmonics, features, weights, grad_scalars, grad_mixed = tensors
+    directions = [direction for _, direction in _directions(tensors[:3], cotangents)]
+    grad_weights = grad_outputs = None
+    if needed[3] and layer.mixing and directions:
+        terms = []  # (V, A) products of dT
+        for v in {id(direction[2]): direction[2] for direction in directions}.values():
+            environments = [trilinear_slot(layer.environment.key, 2, w, y, center_ptr)
+                            for w, y, u in directions if u is v]
+            terms.append((v, sum(environments[1:], environments[0])))
+        grad_weights = _mixing_weight_gradient(layer, terms, grad_mixed, center_ptr)
+    if needed[4] or needed[5]:
+        for direction in directions:
+            outputs = fused_layer(key, *direction, weights, center_ptr)
+            grad_outputs = outputs if grad_outputs is None else (grad_outputs[0] + outputs[0],
+                                                                 grad_outputs[1] + outputs[1])
+    return [grad_weights, *(grad_outputs or (None, None))]
+
+
+def _first_layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
+                              needed: Sequence[bool], center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
+    """The vector-Jacobian product of the first layer's `fused_layer_backward`, through its plain twin (which reads
+    V^0 from memory). The first layer's backward is the twin's, B(w, Y, V^0) = (g_w, g_Y, g_V), with V^0 = w0 (x) Y
+    and g_V chained to (w0, Y) by the transpose of V^0's Jacobian J. Paired with cotangents (u_w, u_Y, u_w0):
+    <u_w, g_w> + <u_Y, g_Y> + <dV, g_V>, dV = J (u_w0, u_Y) = u_w0 (x) Y + w0 (x) u_Y. So `_backward_vjp` of the
+    twin with cotangents (u_w, u_Y, dV), where every V^0 cotangent is chained by J^T as soon as the twin's backward
+    returns it (they are the largest tensors here); and dV's own dependence on Y (through u_w0 (x) Y) and on w0
+    (through w0 (x) u_Y), paired with g_V: a by-product of the twin's backward in dV's direction, since the
+    backward's V cotangent does not depend on V."""
+    layer = _LAYERS[key]
+    twin = plain_layer_key(layer)
+    env_weights, harmonics, w0, weights, grad_scalars, grad_mixed = tensors
+    grad_w, grad_y, grad_w0 = cotangents
+    need_w, need_y, need_w0 = needed[:3]
+    v = layer_features(layer, w0, harmonics)
+    tangent = None  # dV
+    for a, b in ((grad_w0, harmonics), (w0, grad_y)):
+        if a is not None and b is not None:
+            tangent = layer_features(layer, a, b) if tangent is None else tangent + layer_features(layer, a, b)
+    twin_tensors = (env_weights, harmonics, v, weights, grad_scalars, grad_mixed)
+    twin_cotangents = (grad_w, grad_y, tangent)
+    grads: list[torch.Tensor | None] = [None] * 6
+
+    def add(slot: int, value: torch.Tensor) -> None:
+        grads[slot] = value if grads[slot] is None else grads[slot] + value
+
+    for d, direction in _directions(twin_tensors[:3], twin_cotangents):
+        if not (need_w and d != 0 or need_y or need_w0):
+            continue
+        outputs = fused_layer_backward(twin, *direction, weights, grad_scalars, grad_mixed, center_ptr)
+        if need_w and d != 0:
+            add(0, outputs[0])
+        if need_y and d != 1:
+            add(1, outputs[1])
+        if d != 2 and (need_w0 or need_y):
+            chained_w0, chained_y = first_feature_cotangents(layer, outputs[2], w0, harmonics)
+            add(1, chained_y)
+            add(2, chained_w0)
+        elif d == 2:  # g_V
+            if grad_w0 is not None and need_y:
+                add(1, first_feature_cotangents(layer, outputs[2], grad_w0, harmonics)[1])
+            if grad_y is not None and need_w0:
+                add(2, first_feature_cotangents(layer, outputs[2], w0, grad_y)[0])
+        del outputs
+    grads[3:] = _directional_output_gradients(twin, twin_tensors, twin_cotangents, needed, center_ptr)
+    return _needed_gradients(tensors, grads, needed)
+
+
+def _needed_gradients(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+                      needed: Sequence[bool]) -> list[torch.Tensor | None]:
+    """A gradient for every input that needs one (zeros where nothing reached it), None for the others."""
+    return [(torch.zeros_like(x) if g is None else g) if need else None for x, g, need in zip(tensors, grads, needed)]
+
+
 def _layer_backward_setup(ctx, inputs, output) -> None:
     ctx.layer_key = inputs[0]
     ctx.save_for_backward(*inputs[1:])
 
 
 def _layer_double_backward(ctx, grad_env_weights, grad_harmonics, grad_features):
-    """The vector-Jacobian product of `composed_layer_backward` (the same function), by autograd through it:
-    force training's double backward, and every higher order."""
-    layer = _LAYERS[ctx.layer_key]
+    """Force training's double backward (and every higher order): `_backward_vjp`, through the plain twin in the
+    first layer (`_first_layer_backward_vjp`)."""
     *tensors, center_ptr = ctx.saved_tensors
-    needed = ctx.needs_input_grad[1:7]
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        # Partial derivatives: differentiate with respect to fresh aliases of the inputs (views, linked to the
-        # inputs for higher orders), never through the inputs' own history (the cotangents depend on w).
-        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
-        outputs = composed_layer_backward(layer, *inputs, center_ptr)
-        pairs = [(o, g) for o, g in zip(outputs, (grad_env_weights, grad_harmonics, grad_features)) if g is not None]
-        wanted = [x for x, need in zip(inputs, needed) if need]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                         create_graph=create_graph, allow_unused=True) if pairs and wanted else [])
-    results = [next(grads, None) if need else None for need in needed]
-    results = [torch.zeros_like(x) if need and g is None else g for x, g, need in zip(tensors, results, needed)]
-    return (None, *results, None)
+    vjp = _first_layer_backward_vjp if _LAYERS[ctx.layer_key].first_features else _backward_vjp
+    cotangents = (grad_env_weights, grad_harmonics, grad_features)
+    return (None, *vjp(ctx.layer_key, tensors, cotangents, ctx.needs_input_grad[1:7], center_ptr), None)
 
 
 fused_layer_backward.register_autograd(_layer_double_backward, setup_context=_layer_backward_setup)

@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import (
     TRITON_DEVICES,
     ethanol,
@@ -360,6 +361,61 @@ def test_fused_layer_backward_gradcheck_and_gradgradcheck(device):
     assert torch.autograd.gradgradcheck(backward, inputs, fast_mode=True)
 
 
+class LargestOutput(TorchDispatchMode):
+    """The largest tensor (in elements) that any op returns while the mode is on (a custom op counts as one op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
+            if tensor.numel() > self.numel:
+                self.numel, self.op = tensor.numel(), f"{func} -> {tuple(tensor.shape)}"
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer_index", [0, 1])  # the first layer (through its plain twin) and a middle layer
+def test_double_backward_never_forms_the_product(device, layer_index, monkeypatch):
+    """Force training's double backward of the fused layer (loss.backward through the force pass) runs on the
+    layer's kernels and on the product's slot kernel over ranges of edges: no op returns a tensor of the product's
+    size (E, P, n) (it once held three, the peak of a training step). Its value: against autograd through the
+    plain-torch layer, float64. The ranges cut through the edges of a center (NEIGHBOURS: 17 edges, 3 ranges)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_MIN_EDGES", 0)
+    monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_CHUNKS", 3)
+    channels = 3
+    center_ptr, center = random_csr(NEIGHBOURS, device)
+    layer = layer_form(2, True, channels, layer=layer_index)
+    key = kernels.register_layer(layer)
+    generator = torch.Generator().manual_seed(11 + layer_index)
+    num_edges = int(center_ptr[-1])
+    inputs = [*layer_inputs(layer, center_ptr, channels, torch.float64, device, generator),
+              *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
+                for columns in (layer.scalar_columns[1] - layer.scalar_columns[0], layer.output_dim))]
+    cotangents = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device) for x in inputs[:3]]
+
+    def double_backward(backward):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        outputs = backward(*leaves)
+        return torch.autograd.grad(outputs, leaves, cotangents)
+
+    def reference(w, y, v, mixing, grad_scalars, grad_mixed):
+        outputs = kernels.fused_layer_ref(layer, w, y, v, mixing, center, len(NEIGHBOURS))
+        return torch.autograd.grad(outputs, (w, y, v), (grad_scalars, grad_mixed), create_graph=True)
+
+    largest = LargestOutput()
+    with largest:
+        got = double_backward(lambda *tensors: kernels.fused_layer_backward(key, *tensors, center_ptr))
+    product_size = num_edges * layer.product.operands[2].columns * channels
+    assert largest.numel < product_size / 2, largest.op
+    for name, g, e in zip(("w", "Y", "V", "W", "gS", "gV"), got, double_backward(reference)):
+        assert relative_error(g, e) < 1e-12, name
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("l_max", [1, 3])
 def test_edge_geometry_matches_reference_and_gradchecks(device, l_max):
@@ -496,11 +552,11 @@ def test_the_force_pass_of_training_skips_the_mixing_weight_gradient(device, mon
         return forward_calls, torch.autograd.grad(loss, list(model.parameters()))
 
     forward_calls, skipped = parameter_gradients()
-    assert forward_calls == 0 and len(calls) == 1  # the first layer mixes; the last does not
+    assert forward_calls == 0 and len(calls) == 2  # the first layer mixes (its weights, its double backward)
     monkeypatch.setattr(kernels, "gradient_wanted", lambda tensor: True)
     calls.clear()
     forward_calls, computed = parameter_gradients()
-    assert forward_calls == 1 and len(calls) == 2
+    assert forward_calls == 1 and len(calls) == 3
     for a, b in zip(skipped, computed):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
@@ -564,9 +620,9 @@ def _gpu_toolchain_missing() -> str | None:
 @pytest.mark.skipif(_gpu_toolchain_missing() is not None, reason=str(_gpu_toolchain_missing()))
 def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     """The interpreter accepts what a GPU rejects (tl.dot below 16, some dtypes): compile every generated
-    kernel of a small model (layer forward and backward, all slots, the segment sums, the edge geometry) for sm_90 with Triton's own toolchain at
-    the launchers' block sizes and warps, float32 and float64 (`bench/gpu/kernel_resources.py`, in a process
-    without TRITON_INTERPRET)."""
+    kernel of a small model (layer forward and backward, the first layer's twin, all slots, the segment sums, the
+    edge geometry) for sm_90 with Triton's own toolchain at the launchers' block sizes and warps, float32 and
+    float64 (`bench/gpu/kernel_resources.py`, in a process without TRITON_INTERPRET)."""
     import json
     import os
     import subprocess
@@ -581,8 +637,9 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(output.read_text())
-    # dtypes x (3 segment sums + 3 edge geometry + layers x (forward, backward, 3 slots of 2 forms))
-    assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6))
+    # dtypes x (3 segment sums + 3 edge geometry + layers x (forward, backward, 3 slots of 2 forms) + the first
+    # layer's twin (forward, backward))
+    assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6) + 2)
     assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
     assert all(row["tf32_dots"] == 0 for row in rows), [row["kernel"] for row in rows if row["tf32_dots"]]
@@ -612,7 +669,7 @@ def test_channel_tiled_mixing_stays_a_float32_multiply_and_sum_on_a_gpu(tmp_path
         rows += [{**row, "channels": channels} for row in json.loads(output.read_text())]
     tiled = [row for row in rows if row["channels"] == 33]
     one_block = [row for row in rows if row["channels"] == 16]
-    assert len(tiled) == len(one_block) == 4
+    assert len(tiled) == len(one_block) == 6  # forward and backward of two layers and of the first one's twin
     assert all(row["dots"] == 0 for row in tiled), [(row["kernel"], row["dots"]) for row in tiled]
     assert any(row["dots"] > 0 for row in one_block) and all(row["tf32_dots"] == 0 for row in one_block)
 

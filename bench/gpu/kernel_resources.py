@@ -101,11 +101,15 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     model = af.Allegro(config, backend="torch")
     for index, key in enumerate(model._triton_forms()):
         layer = kernels._LAYERS[key]
-        for backward in (False, True):
-            launch = kernels.fused_layer_launch(layer, channels, getattr(torch, dtype), "cuda", backward)
-            yield (f"layer{index}.{'backward' if backward else 'forward'}",
-                   kernels._layer_kernel(key, backward, launch),
-                   launch.constants(getattr(torch, dtype), backward), launch.num_warps)
+        # the first layer's twin that reads V^0 from memory: its double backward (force training) runs on it
+        versions = [("", key)] + ([(".twin", kernels.plain_layer_key(layer))] if layer.first_features else [])
+        for suffix, version in versions:
+            for backward in (False, True):
+                launch = kernels.fused_layer_launch(kernels._LAYERS[version], channels, getattr(torch, dtype), "cuda",
+                                                    backward)
+                yield (f"layer{index}{suffix}.{'backward' if backward else 'forward'}",
+                       kernels._layer_kernel(version, backward, launch),
+                       launch.constants(getattr(torch, dtype), backward), launch.num_warps)
         if slots:
             slot_e, slot_c = kernels._block_sizes(channels, torch.device("cuda"))
             for form_name, form in (("environment", layer.environment), ("product", layer.product)):
