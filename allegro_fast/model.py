@@ -62,6 +62,43 @@ BACKENDS = ("torch", "triton")
 TRITON_CHANNELS_LIMIT = 64
 
 
+class _SiLU(torch.autograd.Function):
+    """silu, whose derivative is `_SiLUDerivative`: force training differentiates the MLPs twice, and torch's own
+    silu then keeps five (E, width) tensors per activation for the second derivative (sigmoid(x), 1 - sigmoid(x)
+    and the products of its composite derivative); this keeps the incoming gradient only (x is the forward's)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return nn.functional.silu(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # a backward without create_graph: torch's fused kernel
+            return torch.ops.aten.silu_backward(grad, x)
+        return _SiLUDerivative.apply(grad, x)
+
+
+class _SiLUDerivative(torch.autograd.Function):
+    """grad * silu'(x), differentiable in both (its backward is plain torch on the saved pair, so every further
+    order follows): silu'(x) = s (1 + x (1 - s)), silu''(x) = s (1 - s) (2 + x (1 - 2 s)), s = sigmoid(x)."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad, x)
+        s = torch.sigmoid(x)  # not aten.silu_backward, which has no derivative in a traced graph (make_fx)
+        return grad * (s * (1 + x * (1 - s)))
+
+    @staticmethod
+    def backward(ctx, grad_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad, x = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        first = s * (1 + x * (1 - s))
+        second = s * (1 - s) * (2 + x * (1 - 2 * s))
+        return grad_grad * first, grad_grad * grad * second
+
+
 class _MLPLayer(nn.Module):
     def __init__(self, num_in: int, num_out: int) -> None:
         super().__init__()
@@ -99,7 +136,7 @@ class ScalarMLP(nn.Module):
         (small) weight matrix, not applied to the (E, width) activations."""
         for k in range(1, self.num_layers):
             weight = getattr(self, f"layer{k}").weight
-            x = nn.functional.silu(x) @ (weight * (self.activation_scale / weight.shape[0] ** 0.5))
+            x = _SiLU.apply(x) @ (weight * (self.activation_scale / weight.shape[0] ** 0.5))
         return x
 
 

@@ -250,3 +250,34 @@ def test_every_constant_table_survives_a_float32_round_trip_exactly(name):
     model.float().double()
     for table, value in tables.items():
         assert torch.equal(model.get_buffer(table), value), table
+
+
+def test_silu_keeps_only_the_gradient_for_the_double_backward():
+    """The MLPs' silu (`model._SiLU`): its first three derivatives are torch's silu's, gradcheck and gradgradcheck
+    pass, and the force pass (a backward with create_graph) saves the incoming gradient and nothing else beyond the
+    forward's x (torch's silu saves sigmoid(x), 1 - sigmoid(x) and products: five tensors)."""
+    from allegro_fast.model import _SiLU
+
+    generator = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(11, 6, dtype=torch.float64, generator=generator)).requires_grad_(True)
+    cotangent = torch.randn(11, 6, dtype=torch.float64, generator=generator)
+    assert torch.autograd.gradcheck(_SiLU.apply, (x,))
+    assert torch.autograd.gradgradcheck(_SiLU.apply, (x,))
+
+    def derivatives(silu):
+        first, = torch.autograd.grad(silu(x), x, cotangent, create_graph=True)
+        second, = torch.autograd.grad(first.square().sum(), x, create_graph=True)
+        third, = torch.autograd.grad(second.pow(3).sum(), x)
+        return first, second, third
+
+    for ours, torch_silu in zip(derivatives(_SiLU.apply), derivatives(torch.nn.functional.silu)):
+        assert_close(ours, torch_silu, "silu derivative", 1e-14)
+
+    def saved_storages(silu):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            torch.autograd.grad(silu(x), x, cotangent, create_graph=True)
+        return {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel()}
+
+    assert len(saved_storages(_SiLU.apply)) == 2  # x and the incoming gradient
+    assert len(saved_storages(torch.nn.functional.silu)) >= 4
