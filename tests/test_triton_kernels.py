@@ -382,13 +382,15 @@ def test_double_backward_never_forms_the_product(device, layer_index, monkeypatc
     """Force training's double backward of the fused layer (loss.backward through the force pass) runs on the
     layer's kernels and on the product's slot kernel over ranges of edges: no op returns a tensor of the product's
     size (E, P, n) (it once held three, the peak of a training step). Its value: against autograd through the
-    plain-torch layer, float64. The ranges cut through the edges of a center (NEIGHBOURS: 17 edges, 3 ranges)."""
+    plain-torch layer, float64. The ranges (4, bounds at multiples of 16 edges: 0, 16, 32, 48, 71) cut through the
+    edges of two centers; centers with zero and one neighbour."""
     from allegro_fast.kernels import tensor_product as kernels
 
     monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_MIN_EDGES", 0)
-    monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_CHUNKS", 3)
+    monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_CHUNKS", 4)
     channels = 3
-    center_ptr, center = random_csr(NEIGHBOURS, device)
+    neighbours = [0, 13, 1, 25, 0, 2, 30]  # CSR pointers 0 0 13 14 39 39 41 71
+    center_ptr, center = random_csr(neighbours, device)
     layer = layer_form(2, True, channels, layer=layer_index)
     key = kernels.register_layer(layer)
     generator = torch.Generator().manual_seed(11 + layer_index)
@@ -404,7 +406,7 @@ def test_double_backward_never_forms_the_product(device, layer_index, monkeypatc
         return torch.autograd.grad(outputs, leaves, cotangents)
 
     def reference(w, y, v, mixing, grad_scalars, grad_mixed):
-        outputs = kernels.fused_layer_ref(layer, w, y, v, mixing, center, len(NEIGHBOURS))
+        outputs = kernels.fused_layer_ref(layer, w, y, v, mixing, center, len(neighbours))
         return torch.autograd.grad(outputs, (w, y, v), (grad_scalars, grad_mixed), create_graph=True)
 
     largest = LargestOutput()
