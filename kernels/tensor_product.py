@@ -1381,8 +1381,9 @@ def _mixing_weight_gradient(layer: FusedLayerForm, terms: Sequence[tuple[torch.T
             for group in layer.mixing:
                 block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
                 rows = grad[:, group.output_start:group.output_start + group.dim].reshape(-1, channels)
-                parts.append((block.reshape(rows.shape[0], -1).t() @ rows).view(group.num_paths, channels,
-                                                                                  channels))
+                # explicit sizes: a range may be empty, and a traced range's size is symbolic
+                matrix = block.reshape(rows.shape[0], group.num_paths * channels)
+                parts.append((matrix.t() @ rows).view(group.num_paths, channels, channels))
             piece = torch.cat(parts) if len(parts) > 1 else parts[0]
             total = piece if total is None else total + piece
     return total

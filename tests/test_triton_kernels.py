@@ -382,12 +382,12 @@ def test_double_backward_never_forms_the_product(device, layer_index, monkeypatc
     """Force training's double backward of the fused layer (loss.backward through the force pass) runs on the
     layer's kernels and on the product's slot kernel over ranges of edges: no op returns a tensor of the product's
     size (E, P, n) (it once held three, the peak of a training step). Its value: against autograd through the
-    plain-torch layer, float64. The ranges (4, bounds at multiples of 16 edges: 0, 16, 32, 48, 71) cut through the
-    edges of two centers; centers with zero and one neighbour."""
+    plain-torch layer, float64. The eight ranges (bounds at multiples of 16 edges: 0, 0, 16, 16, 32, 32, 48, 48, 71)
+    include empty ones and cut through the edges of two centers; centers with zero and one neighbour."""
     from allegro_fast.kernels import tensor_product as kernels
 
     monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_MIN_EDGES", 0)
-    monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_CHUNKS", 4)
+    assert kernels.WEIGHT_GRADIENT_CHUNKS == 8
     channels = 3
     neighbours = [0, 13, 1, 25, 0, 2, 30]  # CSR pointers 0 0 13 14 39 39 41 71
     center_ptr, center = random_csr(neighbours, device)
