@@ -1473,7 +1473,7 @@ def _backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequenc
       input taking its share from the directions that keep it (T(u_w, Y, V) gives Y's and V's);
     - W, gS and gV' get theirs from dT (`_directional_output_gradients`).
     Every piece is a differentiable op, so orders beyond the second follow."""
-    env_weights, harmonics, features, weights, grad_scalars, grad_mixed = tensors
+    weights, grad_scalars, grad_mixed = tensors[3:]
     grads: list[torch.Tensor | None] = [None] * 6
     for d, direction in _directions(tensors[:3], cotangents):
         if not any(needed[slot] for slot in range(3) if slot != d):
@@ -1499,7 +1499,7 @@ def _directional_output_gradients(key: str, tensors: Sequence[torch.Tensor],
     for dT, the forward kernel once per direction; W gets sum_e dT^T gV' (`_mixing_weight_gradient`, the
     environments of the directions that share V summed first)."""
     layer = _LAYERS[key]
-    env_weights, harmonics, features, weights, grad_scalars, grad_mixed = tensors
+    weights, grad_mixed = tensors[3], tensors[5]
     directions = [direction for _, direction in _directions(tensors[:3], cotangents)]
     grad_weights = grad_outputs = None
     if needed[3] and layer.mixing and directions:
