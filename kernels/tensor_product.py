@@ -1455,9 +1455,15 @@ def composed_layer_backward(layer: FusedLayerForm, env_weights: torch.Tensor, ha
             grad_features)
 
 
-def plain_layer_key(layer: FusedLayerForm) -> str:
-    """The key of `layer` reading its features V from memory: the first layer's twin that takes V^0 itself."""
-    return register_layer(dataclasses.replace(layer, first_features=()))
+_TWINS: dict[str, str] = {}  # layer key -> its plain twin's key
+
+
+def plain_layer_key(key: str) -> str:
+    """The key of the registered layer `key` reading its features V from memory: the first layer's twin that takes
+    V^0 itself (registered once: every force-training step's double backward asks, and a layer's key is a hash)."""
+    if key not in _TWINS:
+        _TWINS[key] = register_layer(dataclasses.replace(_LAYERS[key], first_features=()))
+    return _TWINS[key]
 
 
 def _backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
@@ -1528,7 +1534,7 @@ def _first_layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotange
     (through w0 (x) u_Y), paired with g_V: a by-product of the twin's backward in dV's direction, since the
     backward's V cotangent does not depend on V."""
     layer = _LAYERS[key]
-    twin = plain_layer_key(layer)
+    twin = plain_layer_key(key)
     env_weights, harmonics, w0, weights, grad_scalars, grad_mixed = tensors
     grad_w, grad_y, grad_w0 = cotangents
     need_w, need_y, need_w0 = needed[:3]

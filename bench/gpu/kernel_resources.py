@@ -102,7 +102,7 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     for index, key in enumerate(model._triton_forms()):
         layer = kernels._LAYERS[key]
         # the first layer's twin that reads V^0 from memory: its double backward (force training) runs on it
-        versions = [("", key)] + ([(".twin", kernels.plain_layer_key(layer))] if layer.first_features else [])
+        versions = [("", key)] + ([(".twin", kernels.plain_layer_key(key))] if layer.first_features else [])
         for suffix, version in versions:
             for backward in (False, True):
                 launch = kernels.fused_layer_launch(kernels._LAYERS[version], channels, getattr(torch, dtype), "cuda",
