@@ -29,9 +29,10 @@ A over the center's edges in registers, then, per block of BLOCK_E of its edges,
 in registers, stores the (0, +1) scalar columns (the latent MLP's input) and the channel mixing V' (tl.dot of
 each product column with its path's (n, n) weight, accumulated per output column). Neither A nor T reaches
 global memory. Its backward (`fused_layer_backward`) is one kernel per center as well; the mixing weights'
-gradient recomputes T with the product's slot kernel, range of edges by range. The double backward runs the
-layer's forward and backward kernels once per direction (`_backward_vjp`), never storing T or its cotangent;
-`composed_layer_backward` is the backward written with the slot kernels, a second derivation for the tests.
+gradient recomputes T with the product's slot kernel, range of edges by range. The double backward
+(`fused_layer_double_backward`, one op) runs the layer's forward and backward kernels once per direction
+(`_backward_vjp`), never storing T or its cotangent; `composed_layer_backward` is the backward written with the
+slot kernels, a second derivation for the tests.
 
 Above 32 channels (`layer_launch`) the layer kernels are channel-tiled: still one program per center atom, but
 it loops over chunks of BLOCK_O output channels and within them over blocks of BLOCK_C input channels,
@@ -1466,6 +1467,36 @@ def plain_layer_key(key: str) -> str:
     return _TWINS[key]
 
 
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """total + value, in place where no autograd graph records it (inside `fused_layer_double_backward`, whose
+    pieces are all fresh tensors): one buffer per sum, not one per term."""
+    if total is None:
+        return value
+    if torch.is_grad_enabled() and (total.requires_grad or value.requires_grad):
+        return total + value
+    return total.add_(value)
+
+
+def _direction_outputs(key: str, direction: Sequence[torch.Tensor], weights: torch.Tensor,
+                       grads: list[torch.Tensor | None], center_ptr: torch.Tensor) -> None:
+    """The layer's outputs for one direction of dT (the forward kernel), added to the cotangents of (gS, gV')."""
+    scalars, mixed = fused_layer(key, *direction, weights, center_ptr)
+    grads[4] = _accumulate(grads[4], scalars)
+    del scalars
+    grads[5] = _accumulate(grads[5], mixed)
+
+
+def _mixing_terms(layer: FusedLayerForm, directions: Sequence[Sequence[torch.Tensor]],
+                  center_ptr: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (V, A) products of dT for `_mixing_weight_gradient`: the environments of the directions that share V
+    summed first."""
+    terms = []
+    for v in {id(direction[2]): direction[2] for direction in directions}.values():
+        environments = [trilinear_slot(layer.environment.key, 2, w, y, center_ptr) for w, y, u in directions if u is v]
+        terms.append((v, sum(environments[1:], environments[0])))
+    return terms
+
+
 def _backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
                   needed: Sequence[bool], center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
     """The vector-Jacobian product of `fused_layer_backward` for a layer that reads V, from the layer's own
@@ -1477,18 +1508,26 @@ def _backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequenc
     bilinear in (w, Y), the product bilinear in (V, A)). So, with one direction per cotangent:
     - (w, Y, V) get the gradient of <g_T, T(.)> at each direction, the backward kernel once per direction, each
       input taking its share from the directions that keep it (T(u_w, Y, V) gives Y's and V's);
-    - W, gS and gV' get theirs from dT (`_directional_output_gradients`).
-    Every piece is a differentiable op, so orders beyond the second follow."""
+    - gS and gV' get the layer's outputs for dT, the forward kernel once per direction;
+    - W gets sum_e dT^T gV' (`_mixing_weight_gradient`).
+    One direction's outputs are held at a time, added into the sums as they come. Every piece is a
+    differentiable op, so orders beyond the second follow."""
+    layer = _LAYERS[key]
     weights, grad_scalars, grad_mixed = tensors[3:]
     grads: list[torch.Tensor | None] = [None] * 6
-    for d, direction in _directions(tensors[:3], cotangents):
-        if not any(needed[slot] for slot in range(3) if slot != d):
-            continue
-        outputs = fused_layer_backward(key, *direction, weights, grad_scalars, grad_mixed, center_ptr)
-        for slot in range(3):
-            if slot != d and needed[slot]:
-                grads[slot] = outputs[slot] if grads[slot] is None else grads[slot] + outputs[slot]
-    grads[3:] = _directional_output_gradients(key, tensors, cotangents, needed, center_ptr)
+    directions = _directions(tensors[:3], cotangents)
+    for d, direction in directions:
+        if any(needed[slot] for slot in range(3) if slot != d):
+            outputs = fused_layer_backward(key, *direction, weights, grad_scalars, grad_mixed, center_ptr)
+            for slot in range(3):
+                if slot != d and needed[slot]:
+                    grads[slot] = _accumulate(grads[slot], outputs[slot])
+            del outputs
+        if needed[4] or needed[5]:
+            _direction_outputs(key, direction, weights, grads, center_ptr)
+    if needed[3] and layer.mixing and directions:
+        grads[3] = _mixing_weight_gradient(layer, _mixing_terms(layer, [x for _, x in directions], center_ptr),
+                                           grad_mixed, center_ptr)
     return _needed_gradients(tensors, grads, needed)
 
 
@@ -1496,31 +1535,6 @@ def _directions(inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tenso
     """(d, (w, Y, V) with input d replaced by its cotangent) for every cotangent that is not None."""
     return [(d, tuple(u if slot == d else x for slot, x in enumerate(inputs)))
             for d, u in enumerate(cotangents) if u is not None]
-
-
-def _directional_output_gradients(key: str, tensors: Sequence[torch.Tensor],
-                                  cotangents: Sequence[torch.Tensor | None], needed: Sequence[bool],
-                                  center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
-    """The cotangents of (W, gS, gV') in `_backward_vjp` (a layer that reads V): (gS, gV') get the layer's outputs
-    for dT, the forward kernel once per direction; W gets sum_e dT^T gV' (`_mixing_weight_gradient`, the
-    environments of the directions that share V summed first)."""
-    layer = _LAYERS[key]
-    weights, grad_mixed = tensors[3], tensors[5]
-    directions = [direction for _, direction in _directions(tensors[:3], cotangents)]
-    grad_weights = grad_outputs = None
-    if needed[3] and layer.mixing and directions:
-        terms = []  # (V, A) products of dT
-        for v in {id(direction[2]): direction[2] for direction in directions}.values():
-            environments = [trilinear_slot(layer.environment.key, 2, w, y, center_ptr)
-                            for w, y, u in directions if u is v]
-            terms.append((v, sum(environments[1:], environments[0])))
-        grad_weights = _mixing_weight_gradient(layer, terms, grad_mixed, center_ptr)
-    if needed[4] or needed[5]:
-        for direction in directions:
-            outputs = fused_layer(key, *direction, weights, center_ptr)
-            grad_outputs = outputs if grad_outputs is None else (grad_outputs[0] + outputs[0],
-                                                                 grad_outputs[1] + outputs[1])
-    return [grad_weights, *(grad_outputs or (None, None))]
 
 
 def _first_layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
@@ -1532,43 +1546,64 @@ def _first_layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotange
     twin with cotangents (u_w, u_Y, dV), where every V^0 cotangent is chained by J^T as soon as the twin's backward
     returns it (they are the largest tensors here); and dV's own dependence on Y (through u_w0 (x) Y) and on w0
     (through w0 (x) u_Y), paired with g_V: a by-product of the twin's backward in dV's direction, since the
-    backward's V cotangent does not depend on V."""
+    backward's V cotangent does not depend on V. dV's direction runs first and V^0 is formed after dV is
+    dropped, so one (E, D, n) feature tensor is held at a time."""
     layer = _LAYERS[key]
     twin = plain_layer_key(key)
     env_weights, harmonics, w0, weights, grad_scalars, grad_mixed = tensors
     grad_w, grad_y, grad_w0 = cotangents
-    need_w, need_y, need_w0 = needed[:3]
-    v = layer_features(layer, w0, harmonics)
-    tangent = None  # dV
-    for a, b in ((grad_w0, harmonics), (w0, grad_y)):
-        if a is not None and b is not None:
-            tangent = layer_features(layer, a, b) if tangent is None else tangent + layer_features(layer, a, b)
-    twin_tensors = (env_weights, harmonics, v, weights, grad_scalars, grad_mixed)
-    twin_cotangents = (grad_w, grad_y, tangent)
+    need_w, need_y, need_w0, need_weights = needed[:4]
+    need_outputs = needed[4] or needed[5]
     grads: list[torch.Tensor | None] = [None] * 6
 
     def add(slot: int, value: torch.Tensor) -> None:
-        grads[slot] = value if grads[slot] is None else grads[slot] + value
+        grads[slot] = _accumulate(grads[slot], value)
 
-    for d, direction in _directions(twin_tensors[:3], twin_cotangents):
-        if not (need_w and d != 0 or need_y or need_w0):
-            continue
-        outputs = fused_layer_backward(twin, *direction, weights, grad_scalars, grad_mixed, center_ptr)
-        if need_w and d != 0:
-            add(0, outputs[0])
-        if need_y and d != 1:
-            add(1, outputs[1])
-        if d != 2 and (need_w0 or need_y):
-            chained_w0, chained_y = first_feature_cotangents(layer, outputs[2], w0, harmonics)
-            add(1, chained_y)
-            add(2, chained_w0)
-        elif d == 2:  # g_V
-            if grad_w0 is not None and need_y:
-                add(1, first_feature_cotangents(layer, outputs[2], grad_w0, harmonics)[1])
-            if grad_y is not None and need_w0:
-                add(2, first_feature_cotangents(layer, outputs[2], w0, grad_y)[0])
-        del outputs
-    grads[3:] = _directional_output_gradients(twin, twin_tensors, twin_cotangents, needed, center_ptr)
+    def chain(grad_v: torch.Tensor, features: torch.Tensor, y: torch.Tensor, to_w0: bool, to_y: bool) -> None:
+        if to_w0 or to_y:
+            chained_w0, chained_y = first_feature_cotangents(layer, grad_v, features, y)
+            if to_w0:
+                add(2, chained_w0)
+            if to_y:
+                add(1, chained_y)
+
+    def run(d: int, direction: tuple[torch.Tensor, ...]) -> None:
+        """The twin's backward and forward kernels in direction d, with the V^0 cotangent chained at once."""
+        if need_w and d != 0 or need_y or need_w0:
+            outputs = fused_layer_backward(twin, *direction, weights, grad_scalars, grad_mixed, center_ptr)
+            if need_w and d != 0:
+                add(0, outputs[0])
+            if need_y and d != 1:
+                add(1, outputs[1])
+            if d != 2:
+                chain(outputs[2], w0, harmonics, need_w0, need_y)
+            else:  # g_V, paired with dV's dependence on Y and on w0
+                if grad_w0 is not None:
+                    chain(outputs[2], grad_w0, harmonics, False, need_y)
+                if grad_y is not None:
+                    chain(outputs[2], w0, grad_y, need_w0, False)
+            del outputs
+        if need_outputs:
+            _direction_outputs(twin, direction, weights, grads, center_ptr)
+
+    tangent = None  # dV
+    for a, b in ((grad_w0, harmonics), (w0, grad_y)):
+        if a is not None and b is not None:
+            tangent = _accumulate(tangent, layer_features(layer, a, b))
+    if tangent is not None:
+        run(2, (env_weights, harmonics, tangent))
+        if need_weights and layer.mixing:
+            add(3, _mixing_weight_gradient(layer, _mixing_terms(layer, [(env_weights, harmonics, tangent)], center_ptr),
+                                           grad_mixed, center_ptr))
+        del tangent
+    if grad_w is not None or grad_y is not None:
+        v = layer_features(layer, w0, harmonics)
+        directions = _directions((env_weights, harmonics, v), (grad_w, grad_y, None))
+        for d, direction in directions:
+            run(d, direction)
+        if need_weights and layer.mixing:
+            add(3, _mixing_weight_gradient(layer, _mixing_terms(layer, [x for _, x in directions], center_ptr),
+                                           grad_mixed, center_ptr))
     return _needed_gradients(tensors, grads, needed)
 
 
@@ -1578,18 +1613,86 @@ def _needed_gradients(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     return [(torch.zeros_like(x) if g is None else g) if need else None for x, g, need in zip(tensors, grads, needed)]
 
 
+def layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
+                       needed: Sequence[bool], center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
+    """The vector-Jacobian product of `fused_layer_backward` (inputs `tensors` = (w, Y, V, W, gS, gV'), cotangents
+    of its outputs (w, Y, V)) from differentiable ops: `_backward_vjp`, through the plain twin in the first layer
+    (`_first_layer_backward_vjp`). The body of `fused_layer_double_backward`, and its derivative."""
+    vjp = _first_layer_backward_vjp if _LAYERS[key].first_features else _backward_vjp
+    return vjp(key, tensors, cotangents, needed, center_ptr)
+
+
+@torch.library.custom_op("allegro_fast::fused_layer_double_backward", mutates_args=())
+def fused_layer_double_backward(
+        layer_key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+        weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
+        grad_env_weights: torch.Tensor | None, grad_harmonics: torch.Tensor | None, grad_features: torch.Tensor | None,
+        center_ptr: torch.Tensor, needed: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cotangents of `fused_layer_backward`'s inputs (w, Y, V, W, gS, gV') for those of its outputs (force
+    training's loss backward): `layer_backward_vjp` as one op, an empty tensor for an input not `needed`. As one
+    op, its pieces run in the order written there, whatever a compiler would make of them (inductor, given the
+    pieces, held every direction's outputs at once: +1.1 KB per edge at the training step's peak)."""
+    tensors = (env_weights, harmonics, features, weights, grad_scalars, grad_mixed)
+    with nvtx_range("allegro_fast.fused_layer.double_backward"):
+        grads = layer_backward_vjp(layer_key, tensors, (grad_env_weights, grad_harmonics, grad_features), needed,
+                                   center_ptr)
+    return tuple(x.new_empty(0) if g is None else g for x, g in zip(tensors, grads))
+
+
+@fused_layer_double_backward.register_fake
+def _(layer_key, env_weights, harmonics, features, weights, grad_scalars, grad_mixed, grad_env_weights,
+      grad_harmonics, grad_features, center_ptr, needed):
+    tensors = (env_weights, harmonics, features, weights, grad_scalars, grad_mixed)
+    return tuple(torch.empty_like(x) if need else x.new_empty(0) for x, need in zip(tensors, needed))
+
+
+def _double_backward_setup(ctx, inputs, output) -> None:
+    ctx.layer_key, ctx.needed = inputs[0], inputs[-1]
+    ctx.save_for_backward(*inputs[1:-1])
+
+
+def _double_backward_derivative(ctx, *output_grads):
+    """The derivative of `fused_layer_double_backward` (a layer's third derivative and beyond): autograd through
+    `layer_backward_vjp`, recomputed from the saved inputs; with create_graph, on the inputs themselves, so every
+    further order follows."""
+    *inputs, center_ptr = ctx.saved_tensors
+    wanted = ctx.needs_input_grad[1:10]
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = [x if x is None or create and x.requires_grad else x.detach().requires_grad_(want)
+                  for x, want in zip(inputs, wanted)]
+        outputs = layer_backward_vjp(ctx.layer_key, leaves[:6], leaves[6:], ctx.needed, center_ptr)
+        pairs = [(out, grad) for out, grad in zip(outputs, output_grads)
+                 if out is not None and out.requires_grad and grad is not None]
+        targets = [i for i, (x, want) in enumerate(zip(leaves, wanted)) if want and x is not None]
+        grads: list[torch.Tensor | None] = [None] * 9
+        if pairs and targets:
+            found = torch.autograd.grad([out for out, _ in pairs], [leaves[i] for i in targets],
+                                        [grad for _, grad in pairs], create_graph=create, allow_unused=True)
+            for i, g in zip(targets, found):
+                grads[i] = torch.zeros_like(leaves[i]) if g is None else g
+        for i in targets:
+            if grads[i] is None:
+                grads[i] = torch.zeros_like(leaves[i])
+    return (None, *grads, None, None)
+
+
+fused_layer_double_backward.register_autograd(_double_backward_derivative, setup_context=_double_backward_setup)
+
+
 def _layer_backward_setup(ctx, inputs, output) -> None:
     ctx.layer_key = inputs[0]
     ctx.save_for_backward(*inputs[1:])
 
 
 def _layer_double_backward(ctx, grad_env_weights, grad_harmonics, grad_features):
-    """Force training's double backward (and every higher order): `_backward_vjp`, through the plain twin in the
-    first layer (`_first_layer_backward_vjp`)."""
+    """Force training's double backward (and every higher order): `fused_layer_double_backward`."""
     *tensors, center_ptr = ctx.saved_tensors
-    vjp = _first_layer_backward_vjp if _LAYERS[ctx.layer_key].first_features else _backward_vjp
-    cotangents = (grad_env_weights, grad_harmonics, grad_features)
-    return (None, *vjp(ctx.layer_key, tensors, cotangents, ctx.needs_input_grad[1:7], center_ptr), None)
+    needed = list(ctx.needs_input_grad[1:7])
+    grads = fused_layer_double_backward(ctx.layer_key, *tensors, grad_env_weights, grad_harmonics, grad_features,
+                                        center_ptr, needed)
+    return (None, *(g if need else None for g, need in zip(grads, needed)), None)
 
 
 fused_layer_backward.register_autograd(_layer_double_backward, setup_context=_layer_backward_setup)

@@ -361,6 +361,46 @@ def test_fused_layer_backward_gradcheck_and_gradgradcheck(device):
     assert torch.autograd.gradgradcheck(backward, inputs, fast_mode=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer_index,partial", [(0, True), (0, False), (2, True), (2, False)])
+def test_fused_layer_double_backward_gradcheck_and_gradgradcheck(device, layer_index, partial):
+    """The double backward is one op (`fused_layer_double_backward`) whose derivative is autograd through its
+    recomputed pieces: gradcheck, and with every input needed gradgradcheck (a layer's third and fourth
+    derivatives), float64, in the first layer (its plain twin, V^0 formed) and the last. `partial`: V's cotangent
+    left out (None) and the gradients of Y and gS not needed (an empty tensor for them). The first layer's
+    gradgradcheck takes ~5 minutes under the interpreter: CUDA only (its third derivative also runs in
+    test_fused_layer_backward_gradcheck_and_gradgradcheck)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    if device == "cpu" and layer_index == 0 and not partial:
+        pytest.skip("~5 minutes under the Triton interpreter: runs on CUDA")
+    channels = 2
+    center_ptr, _ = random_csr([2, 0, 1], device)
+    form = layer_form(1, True, channels, layer=layer_index)
+    key = kernels.register_layer(form)
+    generator = torch.Generator().manual_seed(17 + layer_index)
+    num_edges = int(center_ptr[-1])
+    tensors = [*layer_inputs(form, center_ptr, channels, torch.float64, device, generator),
+               *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
+                 for columns in (form.scalar_columns[1] - form.scalar_columns[0], form.output_dim))]
+    cotangents = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device) for x in tensors[:3]]
+    needed = [True, False, True, True, False, True] if partial else [True] * 6
+    present = [True, True, False] if partial else [True] * 3
+    inputs = [t.clone().requires_grad_(True) for t in (*tensors, *(c for c, p in zip(cotangents, present) if p))]
+
+    def double_backward(*args):
+        given = iter(args[6:])
+        cotangents = [next(given) if p else None for p in present]
+        outputs = kernels.fused_layer_double_backward(key, *args[:6], *cotangents, center_ptr, needed)
+        for out, x, need in zip(outputs, args, needed):
+            assert out.shape == (x.shape if need else (0,))
+        return tuple(out for out, need in zip(outputs, needed) if need)
+
+    assert torch.autograd.gradcheck(double_backward, inputs, fast_mode=True)
+    if not partial:  # undefined output gradients: checked at the third order above (gradcheck); here ~3.5 minutes
+        assert torch.autograd.gradgradcheck(double_backward, inputs, fast_mode=True, check_undefined_grad=False)
+
+
 class LargestOutput(TorchDispatchMode):
     """The largest tensor (in elements) that any op returns while the mode is on (a custom op counts as one op)."""
 
@@ -409,13 +449,15 @@ def test_double_backward_never_forms_the_product(device, layer_index, monkeypatc
         outputs = kernels.fused_layer_ref(layer, w, y, v, mixing, center, len(neighbours))
         return torch.autograd.grad(outputs, (w, y, v), (grad_scalars, grad_mixed), create_graph=True)
 
-    largest = LargestOutput()
+    largest = LargestOutput()  # the pieces, as fused_layer_double_backward (one op to the mode) runs them
     with largest:
-        got = double_backward(lambda *tensors: kernels.fused_layer_backward(key, *tensors, center_ptr))
+        pieces = kernels.layer_backward_vjp(key, inputs, cotangents, [True] * 6, center_ptr)
     product_size = num_edges * layer.product.operands[2].columns * channels
     assert largest.numel < product_size / 2, largest.op
-    for name, g, e in zip(("w", "Y", "V", "W", "gS", "gV"), got, double_backward(reference)):
+    got = double_backward(lambda *tensors: kernels.fused_layer_backward(key, *tensors, center_ptr))
+    for name, g, p, e in zip(("w", "Y", "V", "W", "gS", "gV"), got, pieces, double_backward(reference)):
         assert relative_error(g, e) < 1e-12, name
+        assert torch.equal(g, p), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -554,11 +596,12 @@ def test_the_force_pass_of_training_skips_the_mixing_weight_gradient(device, mon
         return forward_calls, torch.autograd.grad(loss, list(model.parameters()))
 
     forward_calls, skipped = parameter_gradients()
-    assert forward_calls == 0 and len(calls) == 2  # the first layer mixes (its weights, its double backward)
+    # the first layer mixes: its weights' gradient, and its double backward's, dV's direction and V^0's apart
+    assert forward_calls == 0 and len(calls) == 3
     monkeypatch.setattr(kernels, "gradient_wanted", lambda tensor: True)
     calls.clear()
     forward_calls, computed = parameter_gradients()
-    assert forward_calls == 1 and len(calls) == 3
+    assert forward_calls == 1 and len(calls) == 4
     for a, b in zip(skipped, computed):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
