@@ -86,6 +86,14 @@ def layer_inputs(layer, center_ptr, channels, dtype, device, generator):
     return weights, harmonics, features, mixing
 
 
+def backward_inputs(layer, center_ptr, channels, device, generator):
+    """Random float64 inputs of a fused layer's backward: `layer_inputs` and cotangents of (scalars, mixed)."""
+    num_edges = int(center_ptr[-1])
+    return [*layer_inputs(layer, center_ptr, channels, torch.float64, device, generator),
+            *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
+              for columns in (layer.scalar_columns[1] - layer.scalar_columns[0], layer.output_dim))]
+
+
 NEIGHBOURS = [0, 3, 1, 5, 0, 2, 6]  # odd sizes, isolated centers and centers with one neighbour
 
 
@@ -348,11 +356,7 @@ def test_fused_layer_backward_gradcheck_and_gradgradcheck(device):
     form = layer_form(1, True, channels, layer=0)
     key = kernels.register_layer(form)
     generator = torch.Generator().manual_seed(7)
-    num_edges = int(center_ptr[-1])
-    inputs = (*layer_inputs(form, center_ptr, channels, torch.float64, device, generator),
-              *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
-                for columns in (form.scalar_columns[1] - form.scalar_columns[0], form.output_dim)))
-    inputs = tuple(t.requires_grad_(True) for t in inputs)
+    inputs = tuple(t.requires_grad_(True) for t in backward_inputs(form, center_ptr, channels, device, generator))
 
     def backward(*tensors):
         return kernels.fused_layer_backward(key, *tensors, center_ptr)
@@ -379,10 +383,7 @@ def test_fused_layer_double_backward_gradcheck_and_gradgradcheck(device, layer_i
     form = layer_form(1, True, channels, layer=layer_index)
     key = kernels.register_layer(form)
     generator = torch.Generator().manual_seed(17 + layer_index)
-    num_edges = int(center_ptr[-1])
-    tensors = [*layer_inputs(form, center_ptr, channels, torch.float64, device, generator),
-               *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
-                 for columns in (form.scalar_columns[1] - form.scalar_columns[0], form.output_dim))]
+    tensors = backward_inputs(form, center_ptr, channels, device, generator)
     cotangents = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device) for x in tensors[:3]]
     needed = [True, False, True, True, False, True] if partial else [True] * 6
     present = [True, True, False] if partial else [True] * 3
@@ -435,9 +436,7 @@ def test_double_backward_never_forms_the_product(device, layer_index, monkeypatc
     key = kernels.register_layer(layer)
     generator = torch.Generator().manual_seed(11 + layer_index)
     num_edges = int(center_ptr[-1])
-    inputs = [*layer_inputs(layer, center_ptr, channels, torch.float64, device, generator),
-              *(torch.randn(num_edges, columns, channels, dtype=torch.float64, generator=generator).to(device)
-                for columns in (layer.scalar_columns[1] - layer.scalar_columns[0], layer.output_dim))]
+    inputs = backward_inputs(layer, center_ptr, channels, device, generator)
     cotangents = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device) for x in inputs[:3]]
 
     def double_backward(backward):
