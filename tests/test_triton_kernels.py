@@ -9,6 +9,7 @@ CUDA machine the same tests run on the device (marked `cuda`).
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import pytest
 import torch
@@ -457,6 +458,49 @@ def test_double_backward_never_forms_the_product(device, layer_index, monkeypatc
     for name, g, p, e in zip(("w", "Y", "V", "W", "gS", "gV"), got, pieces, double_backward(reference)):
         assert relative_error(g, e) < 1e-12, name
         assert torch.equal(g, p), name
+
+
+class LiveFeatureTensors(TorchDispatchMode):
+    """The most buffers alive at once that ops return as tensors of the given shapes while the mode is on (a
+    buffer counts once, with all its views; the inputs' buffers do not count)."""
+
+    def __init__(self, shapes, inputs):
+        super().__init__()
+        self.shapes, self.alive, self.most = set(shapes), {}, 0
+        self.inputs = {x.untyped_storage().data_ptr() for x in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
+            buffer = tensor.untyped_storage().data_ptr()
+            if tuple(tensor.shape) in self.shapes and buffer not in self.inputs:
+                self.alive.setdefault(buffer, []).append(weakref.ref(tensor))
+        self.alive = {key: refs for key, refs in self.alive.items() if any(ref() is not None for ref in refs)}
+        self.most = max(self.most, len(self.alive))
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_holds_one_direction_at_a_time(device):
+    """The first layer's double backward (what the loss backward runs first, with the whole saved set live) holds
+    at most three (E, D, n) tensors at a time: one feature tensor (dV, then V^0), the sum of the forward outputs
+    (added to in place) and one direction's output. It held five: V^0 and dV together, and the sum besides the
+    outputs of two directions (under inductor, of all three: the training step's peak)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    channels = 2
+    center_ptr, _ = random_csr([3, 0, 2, 1], device)
+    layer = layer_form(1, True, channels, layer=0)
+    key = kernels.register_layer(layer)
+    generator = torch.Generator().manual_seed(23)
+    inputs = backward_inputs(layer, center_ptr, channels, device, generator)
+    cotangents = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device) for x in inputs[:3]]
+    num_edges = int(center_ptr[-1])
+    shapes = {(num_edges, columns, channels) for columns in (layer.product.operands[0].columns, layer.output_dim)}
+    live = LiveFeatureTensors(shapes, [*inputs, *cotangents])
+    with torch.no_grad(), live:  # as fused_layer_double_backward runs it
+        kernels.layer_backward_vjp(key, inputs, cotangents, [True] * 6, center_ptr)
+    assert live.most == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
