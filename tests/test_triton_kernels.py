@@ -96,6 +96,10 @@ def backward_inputs(layer, center_ptr, channels, device, generator):
 
 
 NEIGHBOURS = [0, 3, 1, 5, 0, 2, 6]  # odd sizes, isolated centers and centers with one neighbour
+# The third and fourth derivatives' checks: an isolated center and one with three neighbours. Under the interpreter each
+# center with neighbours is a program of 30-60 ms per launch (an isolated one ~2 ms), and these checks launch
+# thousands; the derivatives below them are checked on more centers ([2, 0, 1] and NEIGHBOURS).
+HIGH_ORDER_NEIGHBOURS = [0, 3]
 
 
 def check_every_slot(device, l_max, parity, channels, seed):
@@ -353,17 +357,18 @@ def test_fused_layer_backward_gradcheck_and_gradgradcheck(device):
     from allegro_fast.kernels import tensor_product as kernels
 
     channels = 2
-    center_ptr, _ = random_csr([2, 0, 1], device)
     form = layer_form(1, True, channels, layer=0)
     key = kernels.register_layer(form)
     generator = torch.Generator().manual_seed(7)
-    inputs = tuple(t.requires_grad_(True) for t in backward_inputs(form, center_ptr, channels, device, generator))
+    for neighbours, check in (([2, 0, 1], torch.autograd.gradcheck),
+                              (HIGH_ORDER_NEIGHBOURS, torch.autograd.gradgradcheck)):
+        center_ptr, _ = random_csr(neighbours, device)
+        inputs = tuple(t.requires_grad_(True) for t in backward_inputs(form, center_ptr, channels, device, generator))
 
-    def backward(*tensors):
-        return kernels.fused_layer_backward(key, *tensors, center_ptr)
+        def backward(*tensors, center_ptr=center_ptr):
+            return kernels.fused_layer_backward(key, *tensors, center_ptr)
 
-    assert torch.autograd.gradcheck(backward, inputs, fast_mode=True)
-    assert torch.autograd.gradgradcheck(backward, inputs, fast_mode=True)
+        assert check(backward, inputs, fast_mode=True), check.__name__
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -372,15 +377,16 @@ def test_fused_layer_double_backward_gradcheck_and_gradgradcheck(device, layer_i
     """The double backward is one op (`fused_layer_double_backward`) whose derivative is autograd through its
     recomputed pieces: gradcheck, and with every input needed gradgradcheck (a layer's third and fourth
     derivatives), float64, in the first layer (its plain twin, V^0 formed) and the last. `partial`: V's cotangent
-    left out (None) and the gradients of Y and gS not needed (an empty tensor for them). The first layer's
-    gradgradcheck takes ~5 minutes under the interpreter: CUDA only (its third derivative also runs in
+    left out (None) and the gradients of Y and gS not needed (an empty tensor for them). On HIGH_ORDER_NEIGHBOURS;
+    the last layer's gradgradcheck takes ~2 minutes under the interpreter, the first layer's more (five minutes on
+    three centers): CUDA only (its third derivative also runs in
     test_fused_layer_backward_gradcheck_and_gradgradcheck)."""
     from allegro_fast.kernels import tensor_product as kernels
 
     if device == "cpu" and layer_index == 0 and not partial:
-        pytest.skip("~5 minutes under the Triton interpreter: runs on CUDA")
+        pytest.skip("minutes under the Triton interpreter: runs on CUDA")
     channels = 2
-    center_ptr, _ = random_csr([2, 0, 1], device)
+    center_ptr, _ = random_csr(HIGH_ORDER_NEIGHBOURS, device)
     form = layer_form(1, True, channels, layer=layer_index)
     key = kernels.register_layer(form)
     generator = torch.Generator().manual_seed(17 + layer_index)
@@ -399,7 +405,7 @@ def test_fused_layer_double_backward_gradcheck_and_gradgradcheck(device, layer_i
         return tuple(out for out, need in zip(outputs, needed) if need)
 
     assert torch.autograd.gradcheck(double_backward, inputs, fast_mode=True)
-    if not partial:  # undefined output gradients: checked at the third order above (gradcheck); here ~3.5 minutes
+    if not partial:  # undefined output gradients: checked at the third order above (gradcheck)
         assert torch.autograd.gradgradcheck(double_backward, inputs, fast_mode=True, check_undefined_grad=False)
 
 
