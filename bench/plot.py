@@ -113,14 +113,18 @@ def plot_roofline(roofline: dict, path: Path) -> None:
         layer = work.get((row["position"], row["dtype"]))
         if layer is None:
             continue
-        achieved = row["roofline"]["whole_layer"]["achieved_flops_per_s"] / 1e9
-        axis.scatter(layer["whole_layer"]["intensity"], achieved, marker=MARKERS.get(row["provider"], "x"))
-        axis.annotate(f"{row['provider']} {row['position']} {row['dtype'][5:]}", (layer["whole_layer"]["intensity"], achieved),
-                      fontsize=7, textcoords="offset points", xytext=(3, 3))
+        # the fused kernel against its own counts; the device time (CUDA-graph replays) where measured
+        part = "fused_core" if row["provider"] == "triton-kernel" else "whole_layer"
+        achieved = (row.get("device_roofline") or row["roofline"])[part]["achieved_flops_per_s"] / 1e9
+        edges = row.get("num_edges", roofline.get("edges"))
+        size = "" if edges == roofline.get("edges") else f" E={edges}"
+        axis.scatter(layer[part]["intensity"], achieved, marker=MARKERS.get(row["provider"], "x"))
+        axis.annotate(f"{row['provider']} {row['position']} {row['dtype'][5:]}{size}",
+                      (layer[part]["intensity"], achieved), fontsize=7, textcoords="offset points", xytext=(3, 3))
     axis.set_xscale("log")
     axis.set_yscale("log")
-    axis.set_xlabel("arithmetic intensity (FLOP / byte, whole layer, minimal bytes)")
-    axis.set_ylabel("GFLOP/s")
+    axis.set_xlabel("arithmetic intensity (FLOP / byte, minimal bytes; whole layer, the fused kernel its core)")
+    axis.set_ylabel("GFLOP/s (time on the device where measured)")
     axis.set_title(f"one Allegro layer, E = {roofline.get('edges')}: {roofline.get('gpu') or roofline.get('device')}")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)

@@ -30,7 +30,16 @@ Roofline bound t* = max(FLOPs / FMA rate, bytes / bandwidth); achieved fraction 
 Measured: the forward of one layer (bench/ops.py, the whole layer: the torch backend, the reference,
 and the Triton-backed layer where it exists), against the whole-layer counts; and, on CUDA, provider
 `triton-kernel`: the fused kernel alone (`kernels.tensor_product.fused_layer`, environment sum + tensor
-product + channel mixing) against the fused-core counts, the fraction the issue's target refers to.
+product + channel mixing) against the fused-core counts, the fraction the issue's target refers to, at
+`--edges` and at each of `--kernel-edges` (default on CUDA: 262144 and 1048576; the headline's Ag 32,000 has
+915,724).
+
+Two times per row on CUDA. `median_ms`: one call between two CUDA events, what a caller waits for; where the
+call's host side (custom-op dispatch, allocation, Triton's launcher: 0.1-0.3 ms) takes longer than the
+kernel, the GPU idles between the events and this is host time. `device_ms`: the same call captured
+`GRAPH_CALLS` times back to back in one CUDA graph, replayed, the time per call: the kernels' time on the
+device without the host (`device_fraction`: t* / device_ms). The first H200 rows (65,536 edges) had only the
+first: 0.420 ms for the first layer's fused kernel, where the same kernel took 0.617 ms at 4x the edges.
 """
 
 from __future__ import annotations
@@ -151,6 +160,27 @@ def time_ms(fn, device, warmup: int = 3, repeats: int = 10) -> list[float]:
     return times
 
 
+GRAPH_CALLS = 10  # calls per CUDA graph replay in `device_time_ms`
+
+
+def device_time_ms(fn, device, repeats: int, calls: int = GRAPH_CALLS) -> list[float]:
+    """Per-call times of `fn` on a CUDA device without its host side: `calls` calls captured back to back in
+    one CUDA graph (after a warm-up on a side stream, so that nothing compiles or first allocates during the
+    capture), each replay timed with CUDA events and divided by `calls`."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return [t / calls for t in time_ms(graph.replay, device, warmup=1, repeats=repeats)]
+
+
 def copy_bandwidth(device) -> dict:
     numel = (1 << 28 if device.type == "cuda" else 1 << 25)  # 1 GiB / 128 MiB of float32
     source = torch.rand(numel, device=device)
@@ -218,10 +248,26 @@ def fma_rate(device, dtype) -> dict:
 # ------------------------------------------------------------------------------------------------
 # measured layers
 # ------------------------------------------------------------------------------------------------
+def roofline_bounds(work: dict, flops_per_s: float, bytes_per_s: float, seconds: float) -> dict:
+    """The bound t* of each part ("whole_layer", "fused_core") of a layer's `work` and what `seconds` achieves."""
+    bounds = {}
+    for part in ("whole_layer", "fused_core"):
+        t_compute = work[part]["flops"] / flops_per_s
+        t_memory = work[part]["bytes"] / bytes_per_s
+        bounds[part] = {"bound_s": max(t_compute, t_memory),
+                        "limited_by": "compute" if t_compute > t_memory else "memory",
+                        "achieved_fraction": max(t_compute, t_memory) / seconds,
+                        "achieved_flops_per_s": work[part]["flops"] / seconds,
+                        "achieved_bytes_per_s": work[part]["bytes"] / seconds}
+    return bounds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--edges", type=int, default=None, help="edges (default 65536 on CUDA, 4096 on CPU)")
+    parser.add_argument("--kernel-edges", type=int, nargs="*", default=None,
+                        help="more edge counts for the fused kernel alone (default on CUDA: 262144 1048576)")
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--l-max", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
@@ -230,13 +276,16 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    edges = args.edges or (65536 if device.type == "cuda" else 4096)
-    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    cuda = device.type == "cuda"
+    edges = args.edges or (65536 if cuda else 4096)
+    kernel_edges = args.kernel_edges if args.kernel_edges is not None else ([262144, 1048576] if cuda else [])
+    repeats = args.repeats or (20 if cuda else 5)
 
     result = {"kind": "allegro-fast layer roofline", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device.type, "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "loadavg": list(os.getloadavg()), "edges": edges, "peaks": {}, "layers": [], "measured": []}
+              "gpu": torch.cuda.get_device_name(device) if cuda else None,
+              "commit": os.environ.get("ALLEGRO_FAST_COMMIT"), "loadavg": list(os.getloadavg()), "edges": edges,
+              "kernel_edges": kernel_edges, "graph_calls": GRAPH_CALLS, "peaks": {}, "layers": [], "measured": []}
     result["peaks"]["copy_bandwidth"] = copy_bandwidth(device)
     bandwidth = result["peaks"]["copy_bandwidth"]["bytes_per_s"]
     for dtype_name in args.dtypes:
@@ -246,51 +295,16 @@ def main(argv=None) -> int:
         for position in ("first", "middle", "last"):
             work_model = ops.make_op("layer", "torch", num_edges=8, channels=args.channels, l_max=args.l_max).model
             index = ops.layer_index(position, work_model.config.num_layers)
-            work = layer_work(work_model, index, edges, max(2, edges // ops.NEIGHBOURS_PER_ATOM), torch.finfo(dtype).bits // 8)
-            result["layers"].append({**work, "dtype": dtype_name})
             for provider in args.providers:
-                row = {"provider": provider, "position": position, "dtype": dtype_name}
-                reason = ops.provider_unavailable("triton" if provider == "triton-kernel" else provider, "layer", device)
-                if reason or (provider.startswith("triton") and device.type != "cuda"):
-                    row["skipped"] = reason or "interpreter runs are not timings"
+                sizes = [edges, *(e for e in kernel_edges if e != edges)] if provider == "triton-kernel" else [edges]
+                for num_edges in sizes:
+                    work = layer_work(work_model, index, num_edges, max(2, num_edges // ops.NEIGHBOURS_PER_ATOM),
+                                      torch.finfo(dtype).bits // 8)
+                    if num_edges == edges and provider == args.providers[0]:
+                        result["layers"].append({**work, "dtype": dtype_name})
+                    row = {"provider": provider, "position": position, "dtype": dtype_name, "num_edges": num_edges}
+                    measure(row, provider, index, num_edges, dtype, device, args, repeats, work, peak, bandwidth)
                     result["measured"].append(row)
-                    continue
-                try:
-                    if provider == "triton-kernel":
-                        model = ops.make_op("layer", "torch", num_edges=8, channels=args.channels, l_max=args.l_max,
-                                            dtype=dtype, device=device).model
-                        fn, num_nodes = fused_kernel_case(model, index, edges, dtype, device)
-                        case = argparse.Namespace(num_nodes=num_nodes)
-                        times = time_ms(fn, device, warmup=2, repeats=repeats)
-                    else:
-                        case = ops.make_op("layer", provider, num_edges=edges, channels=args.channels,
-                                           l_max=args.l_max, dtype=dtype, device=device, position=position)
-                        times = time_ms(case, device, warmup=2, repeats=repeats)
-                except Exception as error:  # out of memory, a kernel failing to compile: recorded, not fatal
-                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                    result["measured"].append(row)
-                    continue
-                median_s = statistics.median(times) / 1000
-                bounds = {}
-                for part in ("whole_layer", "fused_core"):
-                    t_compute = work[part]["flops"] / peak["flops_per_s"]
-                    t_memory = work[part]["bytes"] / bandwidth
-                    bounds[part] = {"bound_s": max(t_compute, t_memory),
-                                    "limited_by": "compute" if t_compute > t_memory else "memory",
-                                    "achieved_fraction": max(t_compute, t_memory) / median_s,
-                                    "achieved_flops_per_s": work[part]["flops"] / median_s,
-                                    "achieved_bytes_per_s": work[part]["bytes"] / median_s}
-                row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
-                           num_edges=edges, num_nodes=case.num_nodes, roofline=bounds)
-                result["measured"].append(row)
-                part = "fused_core" if provider == "triton-kernel" else "whole_layer"
-                print(f"{dtype_name} layer[{position}] {provider:13s} {row['median_ms']:9.3f} ms  "
-                      f"{part} roofline fraction {bounds[part]['achieved_fraction']:.3f} "
-                      f"({bounds[part]['limited_by']}-bound)  "
-                      f"{bounds[part]['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
-                case = None  # free device memory before the next provider
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; " + "; ".join(
         f"{k} {v['flops_per_s'] / 1e9:.0f} GFLOP/s" for k, v in result["peaks"].items() if k.startswith("fma")))
     output = args.output or Path(__file__).resolve().parent / "results" / f"roofline-{device.type}-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
@@ -300,6 +314,52 @@ def main(argv=None) -> int:
     os.replace(tmp, output)
     print(f"wrote {output}")
     return 0
+
+
+def measure(row: dict, provider: str, index: int, num_edges: int, dtype, device, args, repeats: int, work: dict,
+            peak: dict, bandwidth: float) -> None:
+    """Time one provider's layer forward (or the fused kernel alone) into `row`: single calls, and on CUDA the
+    device time per call from CUDA-graph replays (an error there is recorded, the single calls kept)."""
+    reason = ops.provider_unavailable("triton" if provider == "triton-kernel" else provider, "layer", device)
+    if reason or (provider.startswith("triton") and device.type != "cuda"):
+        row["skipped"] = reason or "interpreter runs are not timings"
+        return
+    try:
+        if provider == "triton-kernel":
+            model = ops.make_op("layer", "torch", num_edges=8, channels=args.channels, l_max=args.l_max,
+                                dtype=dtype, device=device).model
+            fn, num_nodes = fused_kernel_case(model, index, num_edges, dtype, device)
+        else:
+            fn = ops.make_op("layer", provider, num_edges=num_edges, channels=args.channels, l_max=args.l_max,
+                             dtype=dtype, device=device, position=row["position"])
+            num_nodes = fn.num_nodes
+        times = time_ms(fn, device, warmup=2, repeats=repeats)
+    except Exception as error:  # out of memory, a kernel failing to compile: recorded, not fatal
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return
+    part = "fused_core" if provider == "triton-kernel" else "whole_layer"
+    median_s = statistics.median(times) / 1000
+    row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), num_nodes=num_nodes,
+               roofline=roofline_bounds(work, peak["flops_per_s"], bandwidth, median_s))
+    device_note = ""
+    if device.type == "cuda":
+        try:
+            device_times = device_time_ms(fn, device, repeats)
+        except Exception as error:  # a host sync inside the call cannot be captured: the single calls stand
+            row["device_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        else:
+            device_s = statistics.median(device_times) / 1000
+            row.update(device_ms=1000 * device_s, device_roofline=roofline_bounds(
+                work, peak["flops_per_s"], bandwidth, device_s))
+            device_note = (f"  device {row['device_ms']:8.3f} ms, fraction "
+                           f"{row['device_roofline'][part]['achieved_fraction']:.3f}")
+    bound = row["roofline"][part]
+    print(f"{row['dtype']} layer[{row['position']}] {provider:13s} E={num_edges:8d} {row['median_ms']:9.3f} ms  "
+          f"{part} roofline fraction {bound['achieved_fraction']:.3f} ({bound['limited_by']}-bound)"
+          f"{device_note}", flush=True)
+    fn = None  # free device memory before the next provider
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

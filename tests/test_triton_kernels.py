@@ -737,6 +737,12 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
     assert all(row["tf32_dots"] == 0 for row in rows), [row["kernel"] for row in rows if row["tf32_dots"]]
+    # the SASS instruction mix and the warps an SM holds at once (registers, shared memory)
+    assert all(row["num_warps"] <= row["resident_warps_per_sm"] <= 64 for row in rows)
+    layers = {(row["kernel"], row["dtype"]): row["instructions"] for row in rows
+              if row["kernel"].startswith("layer") and row["kernel"].endswith(("forward", "backward"))}
+    assert all(mix["fp32_fma"] > 0 and not mix["fp64"] for (_, dtype), mix in layers.items() if dtype == "float32")
+    assert all(mix["fp64"] > 0 for (_, dtype), mix in layers.items() if dtype == "float64")
 
 
 @pytest.mark.skipif(_gpu_toolchain_missing() is not None, reason=str(_gpu_toolchain_missing()))

@@ -53,11 +53,39 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
             stream.write(compiled.asm["cubin"])
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split()
                   if ":" in item and item.split(":")[1].isdigit())
-    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+    registers = int(fields["REG"])
+    return {"registers": registers, "stack_bytes": int(fields["STACK"]),
             "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2),
-            **dot_precisions(compiled.asm["ttir"])}
+            "resident_warps_per_sm": resident_warps(registers, num_warps, int(fields["SHARED"])),
+            **dot_precisions(compiled.asm["ttir"]), "instructions": instruction_mix(sass)}
+
+
+def resident_warps(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Warps of this kernel that one sm_90 multiprocessor holds at once, as limited by registers (65,536 per SM,
+    allocated per warp in units of 256), shared memory (228 KB) and 64 warps: what there is to hide latency with."""
+    per_warp = -(-registers * 32 // 256) * 256
+    programs = min(65536 // (per_warp * num_warps), 64 // num_warps,
+                   (228 * 1024) // shared_bytes if shared_bytes else 64)
+    return programs * num_warps
+
+
+# SASS opcodes by what they do (the rest: integer, address and control instructions)
+INSTRUCTION_CLASSES = {"fp32_fma": ("FFMA",), "fp32_other": ("FMUL", "FADD", "FMNMX", "FSETP", "FSEL"),
+                       "fp64": ("DFMA", "DMUL", "DADD"), "tensor_core": ("HMMA", "DMMA", "IMMA"),
+                       "global_memory": ("LDG", "STG", "LDGSTS", "RED", "ATOM"),
+                       "shared_memory": ("LDS", "STS", "LDSM", "STSM"),
+                       "spill": ("LDL", "STL"), "shuffle": ("SHFL",), "barrier": ("BAR",)}
+
+
+def instruction_mix(sass: str) -> dict:
+    """Static counts of the kernel's SASS instructions by class (each instruction once, loops not unrolled: a
+    picture of the loop bodies, not a dynamic count) and in all."""
+    opcodes = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", sass, re.MULTILINE)
+    counts = {name: sum(op in members for op in opcodes) for name, members in INSTRUCTION_CLASSES.items()}
+    return {"total": len(opcodes), **counts}
 
 
 def dot_precisions(ttir: str) -> dict:
@@ -144,9 +172,13 @@ def main(argv=None) -> int:
             except Exception as error:  # a kernel that does not compile is the finding: report it, go on
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
             rows.append(row)
+            mix = row.get("instructions", {})
             status = row.get("error") or (f"{row['registers']:3d} registers, {row['stack_bytes']:5d} B stack, "
-                                          f"{row['shared_bytes']:6d} B shared, {row['num_warps']:2d} warps, "
+                                          f"{row['shared_bytes']:6d} B shared, {row['num_warps']:2d} warps "
+                                          f"({row['resident_warps_per_sm']} per SM), "
                                           f"{row['dots']} dots ({row['tf32_dots']} TF32), "
+                                          f"SASS {mix['total']}: FFMA {mix['fp32_fma']}, shared "
+                                          f"{mix['shared_memory']}, spill {mix['spill']}, "
                                           f"compiled in {row['compile_s']:.1f} s")
             print(f"{dtype:8s} {name:28s} {status}", flush=True)
     if args.output:

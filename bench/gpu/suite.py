@@ -32,7 +32,9 @@ picks the stages of a call that cannot hold them all, `--skip-providers` leaves 
                        --profile-calls): launches, host and GPU time per call, triton / triton-graphs (CUDA
                        graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on
                        precompile_rmd17 (CUDA) compiles the rMD17 model's kernels in the background
-    roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline
+    roofline           bench/roofline.py, float32: the fused layer's FLOPs, bytes and fraction of the roofline;
+                       the fused kernel also at 262,144 and 1,048,576 edges, and each row's time on the device
+                       alone as well (calls replayed from a CUDA graph: no host time)
     tune_layer         bench/gpu/tune_layer.py: the fused kernels' forward and backward under other launch
                        parameters (BLOCK_E x warps, Triton's num_stages), checked against the default launch
                        (tune-layer.json; each variant's line in tune_layer.log as it finishes)
@@ -400,8 +402,8 @@ def main(argv=None) -> int:
     roofline = [python, "bench/roofline.py", "--device", device, "--output", str(work / "roofline.json"),
                 "--dtypes", "float32", "--providers", "triton-kernel", "triton", "torch"]
     if args.quick or not cuda:
-        roofline += ["--edges", "1024", "--repeats", "3"]
-    suite.run("roofline", roofline, 90, outputs=("roofline.json",))
+        roofline += ["--edges", "1024", "--kernel-edges", "--repeats", "3"]
+    suite.run("roofline", roofline, 150, outputs=("roofline.json",))
 
     # The fused layer's launch parameters (edges per step, warps) around layer_launch's choice, outputs checked
     tune = [python, "bench/gpu/tune_layer.py", "--output", str(work / "tune-layer.json")]

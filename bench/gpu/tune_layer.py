@@ -17,6 +17,8 @@ loops: ptxas gives the first-layer forward at 8 warps 107 registers with 1 stage
 either with "-tf32x3": the mixing's tl.dot as three TF32 tensor-core products instead of IEEE float32 on the FMA
 units (`LayerLaunch.dot_precision`); the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
 (tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
+On CUDA each row has two times: `median_ms`, one call between CUDA events (the host's launch included where it is
+the slower side), and `device_ms`, per call from CUDA-graph replays (`roofline.device_time_ms`): the kernel alone.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from roofline import fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.py)
+from roofline import device_time_ms, fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.py)
 
 # around the defaults since the H200 sweeps of 2026-12-04 (the default model: 16 x 2 or 16 x 4 per kernel,
 # results/gpu-h200-2026-12-04-warps; 64 x 4 took 18x as long as the default in the first layer's backward)
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
                         row["relative_difference"] = relative_difference(out, expected[name])
                         times = time_ms(fn, device, warmup=1, repeats=args.repeats)
                         row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+                        if device.type == "cuda":  # the kernel's time without the host's (CUDA-graph replays)
+                            row["device_ms"] = statistics.median(device_time_ms(fn, device, args.repeats))
                     except Exception as error:  # a variant that does not compile or launch is a finding
                         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
                     rows.append(row)
@@ -135,8 +139,9 @@ def main(argv=None) -> int:
                                  and r["variant"] == "default" and "median_ms" in r), None)
                     ratio = (f"{base['median_ms'] / row['median_ms']:.2f}x default" if base and "median_ms" in row
                              else "")
+                    device_note = f"  device {row['device_ms']:8.3f} ms" if "device_ms" in row else ""
                     status = row.get("error") or (f"{row['median_ms']:8.3f} ms  {ratio:>13s}  "
-                                                  f"diff {row['relative_difference']:.1e}")
+                                                  f"diff {row['relative_difference']:.1e}{device_note}")
                     print(f"{position:6s} {name:8s} {variant:12s} (BLOCK_E {launch.block_e:3d}, "
                           f"{launch.num_warps:2d} warps)  {status}", flush=True)
     finally:
