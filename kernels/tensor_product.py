@@ -272,22 +272,25 @@ def layer_features(layer: FusedLayerForm, features: torch.Tensor, harmonics: tor
     return torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
 
 
-def first_feature_cotangents(layer: FusedLayerForm, grad_v: torch.Tensor, w0: torch.Tensor,
-                             harmonics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_feature_cotangents(layer: FusedLayerForm, grad_v: torch.Tensor, w0: torch.Tensor, harmonics: torch.Tensor,
+                             to_w0: bool = True, to_y: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The vector-Jacobian product of `layer_features` in the first layer, in plain torch: (w0's cotangent
-    (E, l_max+1, n), Y's (E, (l_max+1)^2)) from V^0's cotangent (E, D_in, n)."""
+    (E, l_max+1, n), Y's (E, (l_max+1)^2)) from V^0's cotangent (E, D_in, n); None for one not asked for
+    (`to_w0`, `to_y`)."""
     num_edges, channels = grad_v.shape[0], grad_v.shape[2]
     grad_w0: list[torch.Tensor | None] = [None] * w0.shape[1]
     grad_y: list[torch.Tensor | None] = [None] * harmonics.shape[1]
     for a, l, k, size in _first_feature_runs(layer):
         block = grad_v[:, a:a + size]
-        piece = (block * harmonics[:, k:k + size, None]).sum(1)
-        grad_w0[l] = piece if grad_w0[l] is None else grad_w0[l] + piece
-        for m, column in enumerate((block * w0[:, l:l + 1]).sum(2).unbind(1)):
-            grad_y[k + m] = column if grad_y[k + m] is None else grad_y[k + m] + column
+        if to_w0:
+            piece = (block * harmonics[:, k:k + size, None]).sum(1)
+            grad_w0[l] = piece if grad_w0[l] is None else grad_w0[l] + piece
+        if to_y:
+            for m, column in enumerate((block * w0[:, l:l + 1]).sum(2).unbind(1)):
+                grad_y[k + m] = column if grad_y[k + m] is None else grad_y[k + m] + column
     zero_w0, zero_y = grad_v.new_zeros((num_edges, channels)), grad_v.new_zeros((num_edges,))
-    return (torch.stack([zero_w0 if g is None else g for g in grad_w0], dim=1),
-            torch.stack([zero_y if g is None else g for g in grad_y], dim=1))
+    return (torch.stack([zero_w0 if g is None else g for g in grad_w0], dim=1) if to_w0 else None,
+            torch.stack([zero_y if g is None else g for g in grad_y], dim=1) if to_y else None)
 
 
 def scalars_and_mixing(layer: FusedLayerForm, product: torch.Tensor,
@@ -1561,7 +1564,7 @@ def _first_layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotange
 
     def chain(grad_v: torch.Tensor, features: torch.Tensor, y: torch.Tensor, to_w0: bool, to_y: bool) -> None:
         if to_w0 or to_y:
-            chained_w0, chained_y = first_feature_cotangents(layer, grad_v, features, y)
+            chained_w0, chained_y = first_feature_cotangents(layer, grad_v, features, y, to_w0, to_y)
             if to_w0:
                 add(2, chained_w0)
             if to_y:
