@@ -230,7 +230,8 @@ class Trainer:
 
             if settings.cuda_graphs and self.device.type != "cuda":
                 raise ConfigError(f"training.cuda_graphs needs a CUDA device; this run's device is {self.device}")
-            self.compiled_step = TrainingForceField(self.model, **(CUDA_GRAPHS if settings.cuda_graphs else {}))
+            self.compiled_step = TrainingForceField(self.model, **(CUDA_GRAPHS if settings.cuda_graphs else {}),
+                                                    activation_memory_budget=settings.activation_memory_budget)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
         self.epoch = 0
         self.best_epoch = 0

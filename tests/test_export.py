@@ -321,6 +321,47 @@ def test_static_padded_training_force_field_matches_eager(device):
     assert training.padding.resizes == 2 and len(training._programs) == 1  # edges and atoms, set once
 
 
+def test_training_force_field_activation_memory_budget_reaches_the_partitioner():
+    """TrainingForceField(activation_memory_budget=0): inductor's min-cut partitioner (without its code generation)
+    keeps fewer tensors for the loss backward than with the default budget, and the gradients stay the same;
+    PyTorch's setting is back as it was after the call."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from allegro_fast.export import TrainingForceField
+
+    kept = {}
+
+    def backend(name):
+        def forward_compiler(graph_module, _):
+            outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
+            kept[name] = len(outputs)  # the step's three outputs and what it keeps for the backward
+            return make_boxed_func(graph_module)
+
+        return aot_autograd(fw_compiler=forward_compiler,
+                            bw_compiler=lambda graph_module, _: make_boxed_func(graph_module),
+                            partition_fn=min_cut_rematerialization_partition)
+
+    torch.manual_seed(0)
+    model = af.Allegro(small_config()).double()
+    graph = af.AtomicGraph.from_ase([ethanol(3)], r_max=model.config.r_max)
+    parameters = list(model.parameters())
+    default_budget = torch._functorch.config.activation_memory_budget
+    gradients = {}
+    for name, budget in (("default", None), ("zero", 0.0)):
+        out = TrainingForceField(model, backend=backend(name), activation_memory_budget=budget)(graph)
+        loss = out["energy"].sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
+        gradients[name] = torch.autograd.grad(loss, parameters, allow_unused=True)
+        assert torch._functorch.config.activation_memory_budget == default_budget
+    assert kept["zero"] < kept["default"], kept  # 35 and 126 when written
+    for a, b in zip(gradients["zero"], gradients["default"]):
+        if b is not None:
+            assert_close(a, b, "parameter gradient", TOLERANCE[torch.float64])
+    with pytest.raises(ValueError, match=r"activation_memory_budget must lie in \[0, 1\], got -0.5"):
+        TrainingForceField(model, activation_memory_budget=-0.5)
+
+
 def test_training_force_field_with_inductor_one_species():
     """The inductor-compiled training program for a one-species model (whose per-edge species scale has one
     entry: inductor's CPU code for a gather's backward into one element fails, so the model broadcasts it)."""

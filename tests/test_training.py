@@ -222,6 +222,14 @@ def test_cuda_graphs_need_compile_and_a_cuda_device(silver_file, tmp_path):
             train(tiny_config(silver_file, cuda_graphs=True, compile=True), tmp_path / "c", progress=False)
 
 
+def test_activation_memory_budget_needs_compile_and_a_fraction(silver_file, tmp_path):
+    """training.activation_memory_budget: a clear error without compile and outside [0, 1]."""
+    with pytest.raises(ConfigError, match="activation_memory_budget applies to the compiled step"):
+        train(tiny_config(silver_file, activation_memory_budget=0.5), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match=r"activation_memory_budget must lie in \[0, 1\], got 1.5"):
+        train(tiny_config(silver_file, activation_memory_budget=1.5, compile=True), tmp_path / "b", progress=False)
+
+
 def test_gradients_accumulate_into_buffers_the_trainer_allocated(silver_file, tmp_path):
     """Every parameter's gradient stays the buffer the trainer allocated, step after step: a gradient handed over
     by autograd would, with training.cuda_graphs, be memory of the CUDA graphs' pool that the next step's replay
