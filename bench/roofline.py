@@ -38,7 +38,7 @@ Two times per row on CUDA. `median_ms`: one call between two CUDA events, what a
 call's host side (custom-op dispatch, allocation, Triton's launcher: 0.1-0.3 ms) takes longer than the
 kernel, the GPU idles between the events and this is host time. `device_ms`: the same call captured
 `GRAPH_CALLS` times back to back in one CUDA graph, replayed, the time per call: the kernels' time on the
-device without the host (`device_fraction`: t* / device_ms). The first H200 rows (65,536 edges) had only the
+device without the host (`device_roofline`: the fractions t* / device_ms). The first H200 rows (65,536 edges) had only the
 first: 0.420 ms for the first layer's fused kernel, where the same kernel took 0.617 ms at 4x the edges.
 """
 
