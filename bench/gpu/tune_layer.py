@@ -130,10 +130,13 @@ def main(argv=None) -> int:
                         row["relative_difference"] = relative_difference(out, expected[name])
                         times = time_ms(fn, device, warmup=1, repeats=args.repeats)
                         row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
-                        if device.type == "cuda":  # the kernel's time without the host's (CUDA-graph replays)
-                            row["device_ms"] = statistics.median(device_time_ms(fn, device, args.repeats))
                     except Exception as error:  # a variant that does not compile or launch is a finding
                         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                    if device.type == "cuda" and "median_ms" in row:  # the kernel alone (CUDA-graph replays)
+                        try:
+                            row["device_ms"] = statistics.median(device_time_ms(fn, device, args.repeats))
+                        except Exception as error:  # the single calls' time stands
+                            row["device_error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
                     rows.append(row)
                     base = next((r for r in rows if r["position"] == position and r["pass"] == name
                                  and r["variant"] == "default" and "median_ms" in r), None)
