@@ -169,14 +169,19 @@ def test_compiled_training_follows_the_eager_trajectory(silver_file, tmp_path, m
     generation (inductor itself: bench/compiled_training.py, gradients equal to eager's within 5e-7 in float32)."""
     from allegro_fast import export
 
+    budgets = []
+
     class AotEagerTraining(export.TrainingForceField):
-        def __init__(self, model):
-            super().__init__(model, backend="aot_eager")
+        def __init__(self, model, **options):
+            super().__init__(model, backend="aot_eager", **options)
+            budgets.append(self.activation_memory_budget)
 
     monkeypatch.setattr(export, "TrainingForceField", AotEagerTraining)
     eager = train(tiny_config(silver_file, max_epochs=2, stress_weight=1.0), tmp_path / "eager", progress=False)
-    compiled = train(tiny_config(silver_file, max_epochs=2, stress_weight=1.0, compile=True), tmp_path / "compiled",
-                     progress=False)
+    # the budget reaches the compiled step (aot_eager's partitioner keeps everything all the same)
+    compiled = train(tiny_config(silver_file, max_epochs=2, stress_weight=1.0, compile=True,
+                                 activation_memory_budget=0.5), tmp_path / "compiled", progress=False)
+    assert budgets == [0.5]
     eager_records, compiled_records = read_metrics(eager.metrics_path), read_metrics(compiled.metrics_path)
     for a, b in zip(eager_records, compiled_records):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9), (a, b)
