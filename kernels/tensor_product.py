@@ -1189,17 +1189,20 @@ def fused_layer_launch(layer: FusedLayerForm, channels: int, dtype: torch.dtype,
                         mixes=layer.output_dim > 0)
 
 
-def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
-                  weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+               weights: torch.Tensor, center_ptr: torch.Tensor, device_type: str | None = None):
+    """What `_launch_layer` launches: (launch, kernel arguments, (scalars, mixed)), the outputs allocated and
+    unwritten; launch None where there is nothing to launch. `device_type` (default: the tensors') picks the launch:
+    "cuda" on CPU tensors gives a GPU launch's arguments (`bench/gpu/kernel_resources.py` compiles the kernels with
+    the specialisation a launch would give them)."""
     layer = _LAYERS[key]
-    ensure_triton_device(env_weights, harmonics, features, weights, center_ptr)
     num_edges, _, channels = features.shape
     first, last = layer.scalar_columns
     scalars = features.new_empty((num_edges, last - first, channels))
     mixed = features.new_empty((num_edges, layer.output_dim, channels))
     if num_edges == 0 or channels == 0:
-        return scalars, mixed
-    launch = fused_layer_launch(layer, channels, features.dtype, features.device.type)
+        return None, [], (scalars, mixed)
+    launch = fused_layer_launch(layer, channels, features.dtype, device_type or features.device.type)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
@@ -1208,26 +1211,37 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
                  weights if weights.numel() else scalars,
                  scalars, scalars.stride(0), scalars.stride(1), mixed_or_any, mixed_or_any.stride(0),
                  mixed_or_any.stride(1), center_ptr, channels]
-    with nvtx_range("allegro_fast.fused_layer"):
-        _layer_kernel(key, False, launch)[(center_ptr.numel() - 1,)](
-            *arguments, **launch.constants(features.dtype), **launch.options)
-    return scalars, mixed
+    return launch, arguments, (scalars, mixed)
 
 
-def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
-                           weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
-                           center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                  weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ensure_triton_device(env_weights, harmonics, features, weights, center_ptr)
+    launch, arguments, outputs = layer_call(key, env_weights, harmonics, features, weights, center_ptr)
+    if launch is not None:
+        with nvtx_range("allegro_fast.fused_layer"):
+            _layer_kernel(key, False, launch)[(center_ptr.numel() - 1,)](
+                *arguments, **launch.constants(features.dtype), **launch.options)
+    return outputs
+
+
+def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                        weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
+                        center_ptr: torch.Tensor, device_type: str | None = None):
+    """What `_launch_layer_backward` launches: (launch, kernel arguments, (grad_env_weights, grad_harmonics,
+    grad_features)), the outputs allocated and unwritten (grad_harmonics (E, slices, D): its slices summed after the
+    launch); launch None where there is nothing to launch (then the outputs are final). `device_type` as in
+    `layer_call`."""
     layer = _LAYERS[key]
-    ensure_triton_device(env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
     num_edges, _, channels = features.shape
     grad_env_weights = torch.empty_like(env_weights)
     grad_harmonics = torch.empty_like(harmonics)
     grad_features = torch.empty_like(features)
     if num_edges == 0:
-        return grad_env_weights, grad_harmonics, grad_features
+        return None, [], (grad_env_weights, grad_harmonics, grad_features)
     if channels == 0:
-        return grad_env_weights, grad_harmonics.zero_(), grad_features
-    launch = fused_layer_launch(layer, channels, features.dtype, features.device.type, backward=True)
+        return None, [], (grad_env_weights, grad_harmonics.zero_(), grad_features)
+    launch = fused_layer_launch(layer, channels, features.dtype, device_type or features.device.type, backward=True)
     # Slices of Y's cotangent, summed below in a fixed order: the environment's share, one per channel block of the
     # tiled kernel; in the first layer as many again for V^0's share. Stored (E, slices, D): no stride depends on E
     # (Triton specialises on integers divisible by 16, and precompiled kernels must fit every structure).
@@ -1245,10 +1259,22 @@ def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch
                  grad_env_weights, grad_env_weights.stride(0), grad_env_weights.stride(1),
                  grad_harmonics, grad_harmonics.stride(0), grad_harmonics.stride(2), grad_harmonics.stride(1),
                  center_ptr, channels]
+    return launch, arguments, (grad_env_weights, grad_harmonics, grad_features)
+
+
+def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
+                           weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
+                           center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ensure_triton_device(env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
+    launch, arguments, outputs = layer_backward_call(key, env_weights, harmonics, features, weights, grad_scalars,
+                                                     grad_mixed, center_ptr)
+    if launch is None:
+        return outputs
+    grad_env_weights, grad_harmonics, grad_features = outputs
     with nvtx_range("allegro_fast.fused_layer.backward"):
         _layer_kernel(key, True, launch)[(center_ptr.numel() - 1,)](
             *arguments, **launch.constants(features.dtype, backward=True), **launch.options)
-    grad_harmonics = grad_harmonics[:, 0] if slices == 1 else grad_harmonics.sum(1)
+    grad_harmonics = grad_harmonics[:, 0] if grad_harmonics.shape[1] == 1 else grad_harmonics.sum(1)
     return grad_env_weights, grad_harmonics, grad_features
 
 

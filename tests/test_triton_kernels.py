@@ -737,6 +737,11 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
     assert all(row["tf32_dots"] == 0 for row in rows), [row["kernel"] for row in rows if row["tf32_dots"]]
+    # the layer kernels compiled with the specialisation their launch gives them (Triton's binder on the launcher's
+    # own arguments), the others without
+    kernel_kinds = {row["kernel"]: row["kernel"].startswith("layer") and row["kernel"].endswith(("forward", "backward"))
+                    for row in rows}
+    assert all(row["specialised"] == kernel_kinds[row["kernel"]] for row in rows)
     # the SASS instruction mix and the warps an SM holds at once (registers, shared memory)
     assert all(row["num_warps"] <= row["resident_warps_per_sm"] <= 64 for row in rows)
     layers = {(row["kernel"], row["dtype"]): row["instructions"] for row in rows
