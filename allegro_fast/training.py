@@ -224,14 +224,14 @@ class Trainer:
                 parameter.grad = torch.zeros_like(parameter)
         self.compiled_step = None
         if settings.compile:
-            from .export import TrainingForceField
-
-            from .export import CUDA_GRAPHS
+            from .export import CUDA_GRAPHS, TrainingForceField
 
             if settings.cuda_graphs and self.device.type != "cuda":
                 raise ConfigError(f"training.cuda_graphs needs a CUDA device; this run's device is {self.device}")
-            self.compiled_step = TrainingForceField(self.model, **(CUDA_GRAPHS if settings.cuda_graphs else {}),
-                                                    activation_memory_budget=settings.activation_memory_budget)
+            options = dict(CUDA_GRAPHS if settings.cuda_graphs else {})
+            if settings.activation_memory_budget is not None:  # only when set: a subclass may not take it
+                options["activation_memory_budget"] = settings.activation_memory_budget
+            self.compiled_step = TrainingForceField(self.model, **options)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
         self.epoch = 0
         self.best_epoch = 0

@@ -235,6 +235,23 @@ def test_activation_memory_budget_needs_compile_and_a_fraction(silver_file, tmp_
         train(tiny_config(silver_file, activation_memory_budget=1.5, compile=True), tmp_path / "b", progress=False)
 
 
+def test_compiled_training_passes_the_memory_budget_only_when_set(silver_file, tmp_path, monkeypatch):
+    """A TrainingForceField subclass whose __init__ takes the model alone (as a user's may, written before
+    activation_memory_budget existed) still serves training.compile when no budget is set."""
+    from allegro_fast import export
+
+    class Built(Exception):
+        pass
+
+    class ModelOnly(export.TrainingForceField):
+        def __init__(self, model):  # a TypeError here if the trainer passed a keyword
+            raise Built
+
+    monkeypatch.setattr(export, "TrainingForceField", ModelOnly)
+    with pytest.raises(Built):
+        train(tiny_config(silver_file, compile=True), tmp_path / "a", progress=False)
+
+
 def test_gradients_accumulate_into_buffers_the_trainer_allocated(silver_file, tmp_path):
     """Every parameter's gradient stays the buffer the trainer allocated, step after step: a gradient handed over
     by autograd would, with training.cuda_graphs, be memory of the CUDA graphs' pool that the next step's replay
