@@ -1123,11 +1123,16 @@ class LayerLaunch:
     # the one-block float32 kernels' mixing: "ieee" (tl.dot on the FMA units) or "tf32x3" (three TF32 tensor-core
     # products, see `mix`); untimed, so not a default
     dot_precision: str = "ieee"
+    # ptxas's cap on registers per thread (Triton's maxnreg; None: ptxas's own choice, up to 255). The first layer's
+    # kernels take 255, so an SM holds 8 of their warps; a cap of 128 holds 16 at the cost of spills (sm_90, Triton
+    # 3.6, specialised as launched: the forward at 4 warps 56 B, the backward 1264 B). Untimed, so not a default.
+    max_registers: int | None = None
 
     @property
     def options(self) -> dict:
-        """The launch's keyword options besides the constexprs: num_warps, and num_stages where set."""
-        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
+        """The launch's keyword options besides the constexprs: num_warps, and num_stages and maxnreg where set."""
+        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {}),
+                **({"maxnreg": self.max_registers} if self.max_registers else {})}
 
     @property
     def tiled(self) -> bool:

@@ -181,14 +181,20 @@ def test_layer_launch_tuner_checks_every_variant_against_the_default(tmp_path):
     output = tmp_path / "tune.json"
     environment = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu" / "tune_layer.py"), "--device", "cpu",
-                             "--edges", "64", "--variants", "16x4s1", "--repeats", "1", "--output", str(output)],
+                             "--edges", "64", "--variants", "16x4s1r128", "--repeats", "1", "--output", str(output)],
                             capture_output=True, text=True, cwd=REPO, env=environment, check=False, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(output.read_text())["rows"]
     assert {(r["position"], r["pass"], r["variant"]) for r in rows} == {
         (position, name, variant) for position in ("first", "last") for name in ("forward", "backward")
-        for variant in ("default", "16x4s1")}
+        for variant in ("default", "16x4s1r128")}
     assert all(r["relative_difference"] < 1e-5 and r["median_ms"] > 0 for r in rows)
+    assert {(r["num_stages"], r["max_registers"]) for r in rows if r["variant"] != "default"} == {(1, 128)}
+    # the forward rows' fraction of the fused core's roofline, with the work of this (the default, 2-layer) model:
+    # the first layer has 11 paths (roofline.py's 3-layer model: 15)
+    assert all(r["roofline_fraction"] > 0 for r in rows if r["pass"] == "forward")
+    assert not any("roofline_fraction" in r for r in rows if r["pass"] == "backward")
+    assert json.loads(output.read_text())["work"]["first"]["needed_paths"] == 11
 
 
 def test_gpu_suite_merges_around_a_stage_killed_while_writing(tmp_path):

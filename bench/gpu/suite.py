@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     tune = [python, "bench/gpu/tune_layer.py", "--output", str(work / "tune-layer.json")]
     if not full:
         tune += ["--device", "cpu", "--edges", "96", "--variants", "16x4", "--repeats", "1"]
-    suite.run("tune_layer", tune, 120, env=None if cuda else {"TRITON_INTERPRET": "1"}, outputs=("tune-layer.json",))
+    suite.run("tune_layer", tune, 150, env=None if cuda else {"TRITON_INTERPRET": "1"}, outputs=("tune-layer.json",))
 
     # 4. Everything else, as far as the budget goes (a second call: --only with the stages named)
 

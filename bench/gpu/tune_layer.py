@@ -12,9 +12,10 @@ launch's.
     python bench/gpu/tune_layer.py                                  # default model, 262144 edges, float32
     python bench/gpu/tune_layer.py --edges 65536 --variants 16x4 16x8 32x8 --output tune.json
 
-Variants are BLOCK_ExWARPS, or BLOCK_ExWARPSsSTAGES with Triton's num_stages (software pipelining of the edge
-loops: ptxas gives the first-layer forward at 8 warps 107 registers with 1 stage, 128 with Triton's default 3),
-either with "-tf32x3": the mixing's tl.dot as three TF32 tensor-core products instead of IEEE float32 on the FMA
+Variants are BLOCK_ExWARPS, then optionally sSTAGES, Triton's num_stages (software pipelining of the edge loops:
+ptxas gives the first-layer forward at 8 warps 107 registers with 1 stage, 128 with Triton's default 3), and
+rREGISTERS, ptxas's cap on registers per thread (Triton's maxnreg, `LayerLaunch.max_registers`), any of them with
+"-tf32x3": the mixing's tl.dot as three TF32 tensor-core products instead of IEEE float32 on the FMA
 units (`LayerLaunch.dot_precision`); the one-block kernels only (up to TILE_CHANNELS_ABOVE channels). BLOCK_E >= 16
 (tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
 On CUDA each row has two times: `median_ms`, one call between CUDA events (the host's launch included where it is
@@ -28,6 +29,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -38,23 +40,30 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from roofline import device_time_ms, fused_layer_inputs, time_ms  # noqa: E402  (bench/roofline.py)
+from roofline import (copy_bandwidth, device_time_ms, fma_rate, fused_layer_inputs, layer_work,  # noqa: E402
+                      roofline_bounds, time_ms)  # (bench/roofline.py)
 
 # around the defaults since the H200 sweeps of 2026-12-04 (the default model: 16 x 2 or 16 x 4 per kernel,
-# results/gpu-h200-2026-12-04-warps; 64 x 4 took 18x as long as the default in the first layer's backward)
-# "-tf32x3": the mixing on the tensor cores in three TF32 products (about float32's accuracy; the difference column
-# says how close), untimed so far; ptxas (Triton 3.6, sm_90) spills the first layer's backward at 4 warps badly there
-DEFAULT_VARIANTS = ("16x2", "16x4", "32x2", "32x4", "16x2s1", "16x8", "16x2-tf32x3", "16x4-tf32x3", "32x4-tf32x3")
+# results/gpu-h200-2026-12-04-warps; 64 x 4 took 18x as long as the default in the first layer's backward, 8 warps
+# 1.4-2x); "r128", "r168": ptxas's register cap (the first layer's kernels take 255 registers, so an SM holds 8 of
+# their warps; 128 holds 16, 168 holds 12, at the cost of spills); "-tf32x3": the mixing on the tensor cores in three
+# TF32 products (about float32's accuracy; the difference column says how close), untimed so far; ptxas (Triton 3.6,
+# sm_90) spills the first layer's backward at 4 warps badly there
+DEFAULT_VARIANTS = ("16x2", "16x4", "32x4", "16x2r128", "16x4r128", "16x4r168", "16x2-tf32x3", "16x4-tf32x3")
 
 
 def parse_variant(variant: str, default_launch):
-    """"16x8" (BLOCK_E x warps), "16x8s1" (and Triton's num_stages), "16x8-tf32x3" (and the mixing's tl.dot
-    precision, `LayerLaunch.dot_precision`) -> the default launch with those set."""
+    """"16x8" (BLOCK_E x warps), "16x8s1" (and Triton's num_stages), "16x4r128" (and ptxas's register cap,
+    `LayerLaunch.max_registers`), "16x8-tf32x3" (and the mixing's tl.dot precision, `LayerLaunch.dot_precision`)
+    -> the default launch with those set."""
     launch, _, precision = variant.partition("-")
-    sizes, _, stages = launch.partition("s")
-    block_e, warps = (int(part) for part in sizes.split("x"))
+    match = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:r(\d+))?", launch)
+    if match is None:
+        raise ValueError(f"tune_layer: variant {variant!r} is not BLOCK_ExWARPS[sSTAGES][rREGISTERS][-PRECISION]")
+    block_e, warps, stages, registers = (None if part is None else int(part) for part in match.groups())
     return dataclasses.replace(default_launch, block_e=block_e, num_warps=warps,
-                               num_stages=int(stages) if stages else default_launch.num_stages,
+                               num_stages=stages if stages else default_launch.num_stages,
+                               max_registers=registers if registers else default_launch.max_registers,
                                dot_precision=precision or default_launch.dot_precision)
 
 
@@ -92,14 +101,18 @@ def main(argv=None) -> int:
     config = af.AllegroConfig(type_names=("Ag",), l_max=args.l_max, num_tensor_features=args.channels,
                               num_layers=args.layers, avg_num_neighbors=28.0)
     model = af.Allegro(config, backend="triton").to(device=device, dtype=dtype)
+    # the forward rows' fraction of the fused core's roofline (roofline.py's work model and peaks) for this model
+    peaks = {"copy_bandwidth": copy_bandwidth(device), f"fma_{args.dtype}": fma_rate(device, dtype)}
     original = kernels.fused_layer_launch
     chosen = {}
     kernels.fused_layer_launch = lambda *arguments, **options: chosen["launch"]
-    rows, default_launches = [], {}
+    rows, default_launches, works = [], {}, {}
     try:
         for index, position in ((0, "first"), (args.layers - 1, "last")):
             key, inputs, (scalars, mixed), center_ptr = fused_layer_inputs(model, index, args.edges, dtype, device)
             layer = kernels._LAYERS[key]
+            work = layer_work(model, index, args.edges, center_ptr.numel() - 1, dtype.itemsize)
+            works[position] = work
             default_launch = {name: original(layer, args.channels, dtype, device.type, backward=name == "backward")
                               for name in ("forward", "backward")}
             default_launches[position] = {name: dataclasses.asdict(launch) for name, launch in default_launch.items()}
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
                     chosen["launch"] = launch
                     row = {"position": position, "pass": name, "variant": variant, "block_e": launch.block_e,
                            "num_warps": launch.num_warps, "num_stages": launch.num_stages,
-                           "dot_precision": launch.dot_precision}
+                           "max_registers": launch.max_registers, "dot_precision": launch.dot_precision}
                     try:
                         begin = time.perf_counter()
                         out = fn()
@@ -137,12 +150,23 @@ def main(argv=None) -> int:
                             row["device_ms"] = statistics.median(device_time_ms(fn, device, args.repeats))
                         except Exception as error:  # the single calls' time stands
                             row["device_error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+                    if name == "forward":  # t* / time: the forward's fraction of the fused core's roofline
+                        for time_key, fraction_key in (("median_ms", "roofline_fraction"),
+                                                       ("device_ms", "device_roofline_fraction")):
+                            if time_key in row:
+                                row[fraction_key] = roofline_bounds(
+                                    work, peaks[f"fma_{args.dtype}"]["flops_per_s"],
+                                    peaks["copy_bandwidth"]["bytes_per_s"], row[time_key] / 1000)["fused_core"][
+                                    "achieved_fraction"]
                     rows.append(row)
                     base = next((r for r in rows if r["position"] == position and r["pass"] == name
                                  and r["variant"] == "default" and "median_ms" in r), None)
                     ratio = (f"{base['median_ms'] / row['median_ms']:.2f}x default" if base and "median_ms" in row
                              else "")
                     device_note = f"  device {row['device_ms']:8.3f} ms" if "device_ms" in row else ""
+                    device_note += "".join(f"  {label} {row[key]:.1%}" for key, label in (
+                        ("roofline_fraction", "roofline"), ("device_roofline_fraction", "device roofline"))
+                        if key in row)
                     status = row.get("error") or (f"{row['median_ms']:8.3f} ms  {ratio:>13s}  "
                                                   f"diff {row['relative_difference']:.1e}{device_note}")
                     print(f"{position:6s} {name:8s} {variant:12s} (BLOCK_E {launch.block_e:3d}, "
@@ -154,7 +178,10 @@ def main(argv=None) -> int:
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "commit": os.environ.get("ALLEGRO_FAST_COMMIT"),
               "settings": {k: v for k, v in vars(args).items() if k != "output"},
-              "default_launch": default_launches, "rows": rows}
+              "default_launch": default_launches, "peaks": peaks,
+              "work": {position: {part: work[part] for part in ("flops", "fused_core", "needed_paths",
+                                                                "clebsch_gordan_nonzeros", "output_columns")}
+                       for position, work in works.items()}, "rows": rows}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         temporary = args.output.with_name(args.output.name + ".tmp")
