@@ -392,7 +392,10 @@ def run_our_job(provider: str, job: dict, settings: dict) -> dict:
         if compiled:
             from allegro_fast.export import TrainingForceField
 
-            training_step = TrainingForceField(model, **compile_options)
+            budget = settings.get("activation_memory_budget")
+            training_step = TrainingForceField(model, **compile_options, **(
+                {} if budget is None else {"activation_memory_budget": budget}))
+            row["activation_memory_budget"] = budget
 
             def forward(graph, compute_stress):
                 return training_step(graph)
@@ -688,6 +691,10 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=5, help="aspirin frames per batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--activation-memory-budget", type=float, default=None, metavar="FRACTION",
+                        help="compiled training providers: TrainingForceField(activation_memory_budget=...), what the "
+                             "step keeps for the loss backward (0 to 1), the rest recomputed (training."
+                             "activation_memory_budget)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="one subprocess per job, for a clean peak resident set (default on the CPU; on CUDA "
                              "one subprocess per provider, peaks reset per job)")
@@ -744,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = args.providers or (["torch", "triton", "nequip", "nequip-triton", "reference", "nequip-cueq"] if cuda
                                    else ["torch", "reference", "nequip"])
     settings = {"device": device, "repeats": repeats, "warmup": warmup, "seed": args.seed, "emit_nvtx": args.emit_nvtx,
-                "profile_calls": args.profile_calls,
+                "profile_calls": args.profile_calls, "activation_memory_budget": args.activation_memory_budget,
                 "threads": args.threads or os.cpu_count() or 1, "batch_size": batch_size}
     nequip_python = find_nequip_python(args.nequip_python) if any(p in NEQUIP_PROVIDERS for p in providers) else None
     started = datetime.datetime.now(datetime.timezone.utc)

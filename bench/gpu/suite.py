@@ -28,6 +28,9 @@ picks the stages of a call that cannot hold them all, `--skip-providers` leaves 
     e2e_training       the issue's second and third: a training step on Ag 2048 atoms, and on a batch of two such
                        frames (time, peak memory), triton eager, triton-graphs and triton-compiled against nequip
                        eager and nequip-compiled (which compiles only for batches of >= 2 frames)
+    e2e_training_budget the compiled steps (triton-graphs, triton-compiled) on the batch of two again with
+                       --activation-memory-budget 0.5 (training.activation_memory_budget): the recomputation's time
+                       and the memory it saves (--only e2e_training selects it too)
     overhead           Ag 256 energy + forces and an aspirin training step under torch.profiler (bench_cli
                        --profile-calls): launches, host and GPU time per call, triton / triton-graphs (CUDA
                        graphs) / torch / triton-compiled (overhead.json, in suite.tar.gz); from here on
@@ -36,7 +39,8 @@ picks the stages of a call that cannot hold them all, `--skip-providers` leaves 
                        the fused kernel also at 262,144 and 1,048,576 edges, and each row's time on the device
                        alone as well (calls replayed from a CUDA graph: no host time)
     tune_layer         bench/gpu/tune_layer.py: the fused kernels' forward and backward under other launch
-                       parameters (BLOCK_E x warps, Triton's num_stages), checked against the default launch
+                       parameters (BLOCK_E x warps, Triton's num_stages, ptxas's register cap, tf32x3 mixing), checked
+                       against the default launch, with the forward's fraction of its roofline
                        (tune-layer.json; each variant's line in tune_layer.log as it finishes)
     e2e_default        end to end, default model, every case (allegro_fast.bench_cli)
     kernels_<op>       pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
@@ -380,6 +384,14 @@ def main(argv=None) -> int:
                                  else ("ag32:default:train",)),
                                *providers("triton", "triton-graphs", "triton-compiled", "nequip", "nequip-compiled"),
                                "--output", str(work / "e2e-training.json")], 400, outputs=("e2e-training.json",))
+    # the compiled steps again with half the activation memory (training.activation_memory_budget: 0.5; CPU: -14 % at
+    # the peak): what the recomputation costs in time, and the memory on a GPU
+    suite.run("e2e_training_budget", [*e2e, *targets, "--timeout", "240", "--jobs",
+                                      "ag2048x2:default:train" if full else "ag32:default:train",
+                                      *providers("triton-graphs", "triton-compiled"),
+                                      "--activation-memory-budget", "0.5",
+                                      "--output", str(work / "e2e-training-budget.json")], 240,
+              outputs=("e2e-training-budget.json",))
 
     # Why small systems sit on a floor of ~6-9 ms per call (H200, 2026-12-04): the host's side of a call, profiled
     # (kernel launches, time in ops, GPU time), for the backends eager and under torch.compile; not merged into e2e.json
