@@ -538,19 +538,22 @@ _ENVIRONMENT_ARGUMENTS = ("env_weights_ptr, env_weights_stride_row, env_weights_
 
 def _generate_environment_block(environment: TrilinearForm) -> str:
     """Source of `environment_block`, a helper of the layer kernels: A[i, k, channels] of one center and one
-    block of channels, summed over the center's edges start:stop in registers; returns the (l_max+1)^2 rows."""
+    block of channels, summed over the center's edges start:stop in registers; returns the (l_max+1)^2 rows.
+    Each row is summed per (edge slot, channel) over the edge blocks and across the edge slots once, after the
+    loop: a sum across slots is shuffles and, across warps, shared memory and barriers, which per block were up
+    to half of a layer kernel's instructions (the default model's last layer forward, sm_90)."""
     writer = _KernelWriter()
     names = {s: environment.operands[s].name for s in range(3)}
     columns = environment.operands[2].columns
     writer.emit(1, "DTYPE = env_weights_ptr.dtype.element_ty")
     writer.emit(1, "channel_cols = channels[None, :]")
     for column in range(columns):
-        writer.emit(1, f"env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
+        writer.emit(1, f"env_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
     _edge_block_header(writer, 1)
     writer.emit(2, "tile_mask = edge_mask[:, None] & channel_mask[None, :]")
     for column in range(columns):
-        writer.emit(2, f"env_{column} += tl.sum({writer.terms(2, environment, 2, column, names, {})}, axis=0)")
-    writer.emit(1, "return " + ", ".join(f"env_{column}" for column in range(columns)))
+        writer.emit(2, f"env_{column} += {writer.terms(2, environment, 2, column, names, {})}")
+    writer.emit(1, "return " + ", ".join(f"tl.sum(env_{column}, axis=0)" for column in range(columns)))
     arguments = (f"{_ENVIRONMENT_ARGUMENTS}, start, stop, channels, channel_mask, BLOCK_E: tl.constexpr, "
                  "BLOCK_C: tl.constexpr")
     return function_source("environment_block", arguments, writer.lines, writer.constants, 1)
@@ -708,7 +711,7 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     product_names = {s: product.operands[s].name for s in range(3)}
     env_columns = environment.operands[2].columns
     for column in range(env_columns):
-        writer.emit(1, f"grad_env_{column} = tl.zeros((BLOCK_C,), dtype=DTYPE)")
+        writer.emit(1, f"grad_env_{column} = tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)")
 
     # pass 2: the product's cotangent in registers, V's stored, the environment's summed
     _edge_block_header(writer, 1)
@@ -743,9 +746,9 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     for column in range(env_columns):
         expression = writer.terms(2, product, 1, column, product_names, cotangent)
         if expression is not None:
-            writer.emit(2, f"grad_env_{column} += tl.sum({expression}, axis=0)")
+            writer.emit(2, f"grad_env_{column} += {expression}")
     for column in range(env_columns):
-        writer.emit(1, f"grad_env_row_{column} = grad_env_{column}[None, :]")
+        writer.emit(1, f"grad_env_row_{column} = tl.sum(grad_env_{column}, axis=0)[None, :]")
     writer.values.clear()
 
     # pass 3: the cotangents of the environment weights and the harmonics
