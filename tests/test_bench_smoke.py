@@ -197,6 +197,28 @@ def test_layer_launch_tuner_checks_every_variant_against_the_default(tmp_path):
     assert json.loads(output.read_text())["work"]["first"]["needed_paths"] == 11
 
 
+def test_loop_weighted_instruction_count_weighs_loop_bodies_by_their_trips():
+    """kernel_resources.loop_weighted_instructions on a SASS listing as cuobjdump prints it: a prologue of 2, a loop
+    of 3 (closed by a predicated backward branch) with a loop of 2 inside, an exit of 2."""
+    spec = importlib.util.spec_from_file_location("kernel_resources", REPO / "bench" / "gpu" / "kernel_resources.py")
+    resources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resources)
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                   /* 0x00000a0000017a02 */
+        /*0010*/                   S2R R0, SR_CTAID.X ;                     /* 0x0000000000007919 */
+        /*0020*/                   FFMA R2, R3, R4, R2 ;                    /* 0x0000000403027223 */
+        /*0030*/                   LDS.64 R4, [R5] ;                        /* 0x0000000005047984 */
+        /*0040*/               @P0 BRA 0x30 ;                               /* 0xfffffffc00000947 */
+        /*0050*/              @!P1 BRA 0x20 ;                               /* 0xfffffffc0000a947 */
+        /*0060*/                   STG.E [R6.64], R2 ;                      /* 0x0000000206007986 */
+        /*0070*/                   EXIT ;                                   /* 0x000000000000794d */
+"""
+    assert resources.instruction_mix(sass)["total"] == 8
+    # trips 3: 2 outside + 0x20 and 0x50 in one loop (3 each) + 0x30 and 0x40 in two (9 each) + 2 outside
+    assert resources.loop_weighted_instructions(sass, 3) == 2 + 2 * 3 + 2 * 9 + 2
+    assert resources.loop_weighted_instructions(sass, 1) == 8
+
+
 def test_gpu_suite_merges_around_a_stage_killed_while_writing(tmp_path):
     """The H200 suite call died when a kernel-profile stage, killed at its timeout, left an empty JSON that the
     merge read: a truncated file is now skipped, the rows of the others are kept."""

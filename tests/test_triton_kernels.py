@@ -742,6 +742,7 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     kernel_kinds = {row["kernel"]: row["kernel"].startswith("layer") and row["kernel"].endswith(("forward", "backward"))
                     for row in rows}
     assert all(row["specialised"] == kernel_kinds[row["kernel"]] for row in rows)
+    assert all(row["warp_instructions_per_edge"] > 0 for row in rows if kernel_kinds[row["kernel"]])
     # the SASS instruction mix and the warps an SM holds at once (registers, shared memory)
     assert all(row["num_warps"] <= row["resident_warps_per_sm"] <= 64 for row in rows)
     layers = {(row["kernel"], row["dtype"]): row["instructions"] for row in rows

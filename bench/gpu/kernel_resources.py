@@ -24,6 +24,8 @@ import tempfile
 import time
 
 TRITON_TYPES = {"float32": "fp32", "float64": "fp64"}
+# edges per center of `warp_instructions_per_edge`: fcc Ag at the default r_max (915,724 edges of 32,000 atoms)
+EDGES_PER_CENTER = 28
 
 
 def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: int = 90,
@@ -80,7 +82,9 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
     return {"registers": registers, "stack_bytes": int(fields["STACK"]), "specialised": arguments is not None,
             "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2),
             "resident_warps_per_sm": resident_warps(registers, num_warps, int(fields["SHARED"])),
-            **dot_precisions(compiled.asm["ttir"]), "instructions": instruction_mix(sass)}
+            **dot_precisions(compiled.asm["ttir"]), "instructions": instruction_mix(sass),
+            **({} if "BLOCK_E" not in constexprs else {"warp_instructions_per_edge": loop_weighted_instructions(
+                sass, -(-EDGES_PER_CENTER // constexprs["BLOCK_E"])) * num_warps / EDGES_PER_CENTER})}
 
 
 def resident_warps(registers: int, num_warps: int, shared_bytes: int) -> int:
@@ -106,6 +110,22 @@ def instruction_mix(sass: str) -> dict:
     opcodes = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", sass, re.MULTILINE)
     counts = {name: sum(op in members for op in opcodes) for name, members in INSTRUCTION_CLASSES.items()}
     return {"total": len(opcodes), **counts}
+
+
+def loop_weighted_instructions(sass: str, trips: int) -> int:
+    """The SASS instructions one thread executes when every loop runs `trips` times: an instruction inside k
+    nested loops (ranges from a backward branch's target to the branch) counts trips^k. For the one-block layer
+    kernels, whose loops are over a center's edge blocks, trips = ceil(edges per center / BLOCK_E) makes this
+    the dynamic count per center (predicated-off instructions included); the static count weighs a loop body
+    once, however often it runs."""
+    rows = [(int(address, 16), opcode, rest) for address, opcode, rest in re.findall(
+        r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)[.A-Z0-9_]*([^;]*)", sass, re.MULTILINE)]
+    loops = []
+    for address, opcode, rest in rows:
+        target = re.search(r"0x([0-9a-f]+)", rest) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    return sum(trips ** sum(first <= address <= last for first, last in loops) for address, _, _ in rows)
 
 
 def dot_precisions(ttir: str) -> dict:
@@ -228,7 +248,9 @@ def main(argv=None) -> int:
                                           f"{row['dots']} dots ({row['tf32_dots']} TF32), "
                                           f"SASS {mix['total']}: FFMA {mix['fp32_fma']}, shared "
                                           f"{mix['shared_memory']}, spill {mix['spill']}, "
-                                          f"compiled in {row['compile_s']:.1f} s")
+                                          + (f"{row['warp_instructions_per_edge']:.0f} warp instructions per edge, "
+                                             if "warp_instructions_per_edge" in row else "")
+                                          + f"compiled in {row['compile_s']:.1f} s")
             print(f"{dtype:8s} {name:28s} {status}", flush=True)
     if args.output:
         with open(args.output, "w") as stream:
