@@ -540,8 +540,8 @@ def _generate_environment_block(environment: TrilinearForm) -> str:
     """Source of `environment_block`, a helper of the layer kernels: A[i, k, channels] of one center and one
     block of channels, summed over the center's edges start:stop in registers; returns the (l_max+1)^2 rows.
     Each row is summed per (edge slot, channel) over the edge blocks and across the edge slots once, after the
-    loop: a sum across slots is shuffles and, across warps, shared memory and barriers, which per block were up
-    to half of a layer kernel's instructions (the default model's last layer forward, sm_90)."""
+    loop: a sum across slots is shuffles and, across warps, shared memory and barriers, which per block were a
+    fifth of the instructions of the default model's last layer forward (sm_90, every loop run twice)."""
     writer = _KernelWriter()
     names = {s: environment.operands[s].name for s in range(3)}
     columns = environment.operands[2].columns
@@ -1128,7 +1128,7 @@ class LayerLaunch:
     dot_precision: str = "ieee"
     # ptxas's cap on registers per thread (Triton's maxnreg; None: ptxas's own choice, up to 255). The first layer's
     # kernels take 255, so an SM holds 8 of their warps; a cap of 128 holds 16 at the cost of spills (sm_90, Triton
-    # 3.6, specialised as launched: the forward at 4 warps 56 B, the backward 1264 B). Untimed, so not a default.
+    # 3.6, specialised as launched: the forward at 4 warps 56 B, the backward 1256 B). Untimed, so not a default.
     max_registers: int | None = None
 
     @property
