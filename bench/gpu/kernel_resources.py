@@ -9,6 +9,7 @@ speed. The launch parameters are the launchers' own (`kernels.tensor_product`).
     python bench/gpu/kernel_resources.py                          # default model, float32, sm_90
     python bench/gpu/kernel_resources.py --l-max 1 --channels 32 --layers 1 --dtypes float32 float64
     python bench/gpu/kernel_resources.py --slots                  # the slot kernels (backward's pieces) too
+    python bench/gpu/kernel_resources.py --only layer0 --variants 16x4r128 32x4   # the layers under other launches
 """
 
 from __future__ import annotations
@@ -140,11 +141,13 @@ def dot_precisions(ttir: str) -> dict:
             "tf32x3_dots": sum("tf32x3" in line for line in dots)}
 
 
-def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool, dtype: str):
+def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool, dtype: str,
+                  variants: tuple[str, ...] = ()):
     """(name, kernel, constexprs, options (num_warps, ...), arguments) of every generated kernel an Allegro model
     launches on CUDA (segment sums, edge geometry, layers), with the launchers' own block sizes and options
     (`kernels.layer_launch`: the channel-tiled layer kernels above 32 channels); arguments (for `compile_for_gpu`'s specialisation) for the layer
-    kernels, None for the others (compiled unspecialised)."""
+    kernels, None for the others (compiled unspecialised). With `variants` (tune_layer.py's syntax, e.g. "16x4r128"),
+    the layer kernels again under each of those launches, named "<kernel>@<variant>"."""
     import torch
 
     import triton
@@ -168,6 +171,8 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     for frequency_grad in (False, True):
         yield (f"edge_geometry.backward{'.frequencies' if frequency_grad else ''}", edge_geometry._kernel(*arguments, True),
                {**geometry, "FREQUENCY_GRAD": frequency_grad}, {"num_warps": 4}, None)
+    if variants:
+        from tune_layer import parse_variant  # bench/gpu/tune_layer.py, beside this script
     model = af.Allegro(config, backend="torch")
     for index, key in enumerate(model._triton_forms()):
         layer = kernels._LAYERS[key]
@@ -175,10 +180,13 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
         versions = [("", key)] + ([(".twin", kernels.plain_layer_key(key))] if layer.first_features else [])
         for suffix, version in versions:
             for backward in (False, True):
-                launch, arguments = layer_arguments(version, getattr(torch, dtype), channels, backward)
-                yield (f"layer{index}{suffix}.{'backward' if backward else 'forward'}",
-                       kernels._layer_kernel(version, backward, launch),
-                       launch.constants(getattr(torch, dtype), backward), launch.options, arguments)
+                default, arguments = layer_arguments(version, getattr(torch, dtype), channels, backward)
+                name = f"layer{index}{suffix}.{'backward' if backward else 'forward'}"
+                for variant in (None, *variants):
+                    launch = default if variant is None else parse_variant(variant, default)
+                    yield (name if variant is None else f"{name}@{variant}",
+                           kernels._layer_kernel(version, backward, launch),
+                           launch.constants(getattr(torch, dtype), backward), launch.options, arguments)
         if slots:
             slot_e, slot_c = kernels._block_sizes(channels, torch.device("cuda"))
             for form_name, form in (("environment", layer.environment), ("product", layer.product)):
@@ -224,13 +232,17 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", action="store_true", help="also the slot kernels (backward's building blocks)")
     parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
                         help="only the kernels whose names start with one of these (e.g. layer0 segment_sum)")
+    parser.add_argument("--variants", nargs="+", default=(), metavar="VARIANT",
+                        help="the layer kernels also under these launches (tune_layer.py's syntax: 16x4, 16x4r128, "
+                             "16x2-tf32x3, ...), rows named <kernel>@<variant>")
     parser.add_argument("--output", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the Triton versions we run on
     rows = []
     for dtype in args.dtypes:
         for name, kernel, constexprs, options, arguments in model_kernels(args.l_max, args.channels, args.layers,
-                                                             not args.no_parity, args.slots, dtype):
+                                                                          not args.no_parity, args.slots, dtype,
+                                                                          tuple(args.variants)):
             if args.only and not name.startswith(tuple(args.only)):
                 continue
             row = {"kernel": name, "dtype": dtype, **constexprs, "arch": args.arch}
