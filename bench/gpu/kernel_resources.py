@@ -30,7 +30,8 @@ EDGES_PER_CENTER = 28
 
 
 def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: int = 90,
-                    arguments: list | None = None, options: dict | None = None) -> dict:
+                    arguments: list | None = None, options: dict | None = None,
+                    edges_per_center: int | None = None) -> dict:
     """Compile a generated @triton.jit kernel for CUDA `arch` without a device.
 
     With `arguments` (what the launcher passes, on CPU tensors: `layer_arguments`), the kernel is specialised as a
@@ -39,7 +40,9 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
     arithmetic. Without, every pointer `*_ptr` gets the element type `dtype` ("float32"/"float64"; CSR pointers
     int64) and every other argument is a plain int64: the same kernel, less specialised than any launch of it
     (the default model's first layer forward: 5880 SASS instructions and 440 B of spill unspecialised, 4600 and
-    32 B as launched). `options`: further compile options (e.g. maxnreg)."""
+    32 B as launched). `options`: further compile options (e.g. maxnreg). With `edges_per_center` (a one-block
+    layer kernel, whose loops run over a center's blocks of BLOCK_E edges), the row has
+    `warp_instructions_per_edge`: `loop_weighted_instructions` per center, times the warps, per edge."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -84,8 +87,8 @@ def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int, arch: 
             "shared_bytes": int(fields["SHARED"]), "num_warps": num_warps, "compile_s": round(seconds, 2),
             "resident_warps_per_sm": resident_warps(registers, num_warps, int(fields["SHARED"])),
             **dot_precisions(compiled.asm["ttir"]), "instructions": instruction_mix(sass),
-            **({} if "BLOCK_E" not in constexprs else {"warp_instructions_per_edge": loop_weighted_instructions(
-                sass, -(-EDGES_PER_CENTER // constexprs["BLOCK_E"])) * num_warps / EDGES_PER_CENTER})}
+            **({} if edges_per_center is None else {"warp_instructions_per_edge": loop_weighted_instructions(
+                sass, -(-edges_per_center // constexprs["BLOCK_E"])) * num_warps / edges_per_center})}
 
 
 def resident_warps(registers: int, num_warps: int, shared_bytes: int) -> int:
@@ -143,11 +146,12 @@ def dot_precisions(ttir: str) -> dict:
 
 def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: bool, dtype: str,
                   variants: tuple[str, ...] = ()):
-    """(name, kernel, constexprs, options (num_warps, ...), arguments) of every generated kernel an Allegro model
-    launches on CUDA (segment sums, edge geometry, layers), with the launchers' own block sizes and options
-    (`kernels.layer_launch`: the channel-tiled layer kernels above 32 channels); arguments (for `compile_for_gpu`'s specialisation) for the layer
-    kernels, None for the others (compiled unspecialised). With `variants` (tune_layer.py's syntax, e.g. "16x4r128"),
-    the layer kernels again under each of those launches, named "<kernel>@<variant>"."""
+    """(name, kernel, constexprs, options (num_warps, ...), arguments, edges per center) of every generated kernel
+    an Allegro model launches on CUDA (segment sums, edge geometry, layers), with the launchers' own block sizes and
+    options (`kernels.layer_launch`: the channel-tiled layer kernels above 32 channels). Arguments (for
+    `compile_for_gpu`'s specialisation) for the layer kernels, None for the others (compiled unspecialised); edges
+    per center (EDGES_PER_CENTER) for the one-block layer kernels, else None. With `variants` (tune_layer.py's
+    syntax, e.g. "16x4r128"), the layer kernels again under each of those launches, named "<kernel>@<variant>"."""
     import torch
 
     import triton
@@ -159,7 +163,7 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     # the sums to atoms (energies: 1 column; cell gradients: 9) and to structures (long segments)
     for columns, rows in ((1, segments.BLOCK_ROWS), (9, segments.BLOCK_ROWS), (1, segments.BLOCK_ROWS_LONG)):
         yield (f"segment_sum.c{columns}.r{rows}", segments._kernel(),
-               {"BLOCK_R": rows, "BLOCK_C": 1 << (columns - 1).bit_length()}, {"num_warps": 4}, None)
+               {"BLOCK_R": rows, "BLOCK_C": 1 << (columns - 1).bit_length()}, {"num_warps": 4}, None, None)
     config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
                               parity=parity)
     # the edge geometry (Bessel basis, envelope, harmonics) and its backward, with and without the frequencies'
@@ -167,10 +171,10 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     geometry = {"BLOCK_E": edge_geometry._block_size(torch.device("cuda")),
                 "BLOCK_B": triton.next_power_of_2(config.num_bessels)}
     arguments = (l_max, config.polynomial_p, config.r_max)
-    yield "edge_geometry.forward", edge_geometry._kernel(*arguments, False), geometry, {"num_warps": 4}, None
+    yield "edge_geometry.forward", edge_geometry._kernel(*arguments, False), geometry, {"num_warps": 4}, None, None
     for frequency_grad in (False, True):
         yield (f"edge_geometry.backward{'.frequencies' if frequency_grad else ''}", edge_geometry._kernel(*arguments, True),
-               {**geometry, "FREQUENCY_GRAD": frequency_grad}, {"num_warps": 4}, None)
+               {**geometry, "FREQUENCY_GRAD": frequency_grad}, {"num_warps": 4}, None, None)
     if variants:
         from tune_layer import parse_variant  # bench/gpu/tune_layer.py, beside this script
     model = af.Allegro(config, backend="torch")
@@ -186,14 +190,15 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
                     launch = default if variant is None else parse_variant(variant, default)
                     yield (name if variant is None else f"{name}@{variant}",
                            kernels._layer_kernel(version, backward, launch),
-                           launch.constants(getattr(torch, dtype), backward), launch.options, arguments)
+                           launch.constants(getattr(torch, dtype), backward), launch.options, arguments,
+                           None if launch.tiled else EDGES_PER_CENTER)
         if slots:
             slot_e, slot_c = kernels._block_sizes(channels, torch.device("cuda"))
             for form_name, form in (("environment", layer.environment), ("product", layer.product)):
                 for slot in range(3):
                     yield (f"layer{index}.{form_name}.slot{slot}", kernels._slot_kernel(form.key, slot),
                            {"BLOCK_E": slot_e, "BLOCK_C": slot_c}, {"num_warps": kernels._num_warps(slot_e, slot_c)},
-                           None)
+                           None, None)
 
 
 def layer_arguments(key: str, dtype, channels: int, backward: bool, num_edges: int = 64):
@@ -205,18 +210,17 @@ def layer_arguments(key: str, dtype, channels: int, backward: bool, num_edges: i
     from allegro_fast.kernels import tensor_product as kernels
 
     layer = kernels._LAYERS[key]
-    edges = num_edges
-    inputs = (torch.zeros(edges, layer.environment.operands[0].columns, channels, dtype=dtype),
-              torch.zeros(edges, layer.environment.operands[1].columns, dtype=dtype),
-              torch.zeros(edges, layer.feature_columns, channels, dtype=dtype),
+    inputs = (torch.zeros(num_edges, layer.environment.operands[0].columns, channels, dtype=dtype),
+              torch.zeros(num_edges, layer.environment.operands[1].columns, dtype=dtype),
+              torch.zeros(num_edges, layer.feature_columns, channels, dtype=dtype),
               torch.zeros(layer.num_weights, channels, channels, dtype=dtype))
-    center_ptr = torch.arange(0, edges + 1, 4)  # 4 edges per center
+    center_ptr = torch.arange(0, num_edges + 1, 4)  # 4 edges per center
     if not backward:
         launch, arguments, _ = kernels.layer_call(key, *inputs, center_ptr, device_type="cuda")
         return launch, arguments
     first, last = layer.scalar_columns
-    cotangents = (torch.zeros(edges, last - first, channels, dtype=dtype),
-                  torch.zeros(edges, layer.output_dim, channels, dtype=dtype))
+    cotangents = (torch.zeros(num_edges, last - first, channels, dtype=dtype),
+                  torch.zeros(num_edges, layer.output_dim, channels, dtype=dtype))
     launch, arguments, _ = kernels.layer_backward_call(key, *inputs, *cotangents, center_ptr, device_type="cuda")
     return launch, arguments
 
@@ -240,16 +244,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the Triton versions we run on
     rows = []
     for dtype in args.dtypes:
-        for name, kernel, constexprs, options, arguments in model_kernels(args.l_max, args.channels, args.layers,
-                                                                          not args.no_parity, args.slots, dtype,
-                                                                          tuple(args.variants)):
+        for name, kernel, constexprs, options, arguments, edges_per_center in model_kernels(
+                args.l_max, args.channels, args.layers, not args.no_parity, args.slots, dtype, tuple(args.variants)):
             if args.only and not name.startswith(tuple(args.only)):
                 continue
             row = {"kernel": name, "dtype": dtype, **constexprs, "arch": args.arch}
             try:
                 options = dict(options)
                 row.update(compile_for_gpu(kernel, dtype, constexprs, options.pop("num_warps"), args.arch, arguments,
-                                           options))
+                                           options, edges_per_center))
             except Exception as error:  # a kernel that does not compile is the finding: report it, go on
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
             rows.append(row)
