@@ -349,7 +349,8 @@ class _KernelWriter:
         a feature tile is formed from w0 and Y)."""
         if name == "features" and self.first_features and (name, column) not in self.values:
             l, k = self.first_features[column]
-            self.emit(indent, f"features_{column} = {self.w0_tile(indent, l)} * {self.harmonic_tile(indent, k)}")
+            self.emit(indent, f"features_{column} = {self.w0_tile(indent, l)} * "
+                              f"{self.harmonic_tile(indent, k, 'feature_harmonics')}")
             self.values[(name, column)] = f"features_{column}"
         if (name, column) not in self.values:
             variable = f"{name}_{column}"
@@ -370,9 +371,10 @@ class _KernelWriter:
             self.values[("w0", l)] = f"w0_{l}"
         return self.values[("w0", l)]
 
-    def harmonic_tile(self, indent: int, k: int) -> str:
-        """A (BLOCK_E, 1) tile of Y's column k."""
-        return self.edge_tile(indent, "harmonics", Operand("harmonics", False, False, k + 1), k)
+    def harmonic_tile(self, indent: int, k: int, name: str = "harmonics") -> str:
+        """A (BLOCK_E, 1) tile of Y's column k: the environment's Y (`harmonics`), or in the first layer the Y that
+        forms V^0 (`feature_harmonics`; the same tensor but in the first layer's double backward)."""
+        return self.edge_tile(indent, name, Operand(name, False, False, k + 1), k)
 
     def center_vector(self, indent: int, name: str, column: int) -> str:
         """A (1, BLOCK_C) row of a per-center operand, loaded once per program."""
@@ -459,6 +461,13 @@ def mix_transposed(acc, g, w):
 
 def _operand_arguments(name: str) -> str:
     return f"{name}_ptr, {name}_stride_row, {name}_stride_channel, {name}_stride_column"
+
+
+def _input_arguments(layer: FusedLayerForm) -> list[str]:
+    """The layer kernels' first arguments: w, Y and the features (V, or w0 in the first layer, whose kernels take
+    the Y that forms V^0 as one more operand)."""
+    names = ["env_weights", "harmonics", "features", *(["feature_harmonics"] if layer.first_features else [])]
+    return [_operand_arguments(name) for name in names]
 
 
 def _program_preamble(writer: _KernelWriter, loop_channels: bool) -> None:
@@ -605,8 +614,8 @@ def _store_feature_cotangents(writer: _KernelWriter, indent: int, layer: FusedLa
                               product_slice: str) -> None:
     """Store the cotangent of the features from V's, `values` (column -> tile; absent columns are zero). In the
     first layer V^0 = w0 (x) Y is not an input: its cotangent is chained in registers to w0's columns (stored to
-    grad_features) and to Y's (slice `product_slice` of grad_harmonics, summed with the environment's share by
-    the launcher)."""
+    grad_features) and to the columns of V^0's Y, `feature_harmonics` (slice `product_slice` of grad_harmonics:
+    the launcher adds the environment's share, or keeps the two apart)."""
     zeros = "tl.zeros((BLOCK_E, BLOCK_C), dtype=DTYPE)"
     if not layer.first_features:
         for column in range(layer.feature_columns):
@@ -625,7 +634,7 @@ def _store_feature_cotangents(writer: _KernelWriter, indent: int, layer: FusedLa
         l, k = layer.first_features[column]
         if value != f"gf_{column}":
             writer.emit(indent, f"gf_{column} = {value}")
-        for name, term in ((f"gw0_{l}", f"gf_{column} * {writer.harmonic_tile(indent, k)}"),
+        for name, term in ((f"gw0_{l}", f"gf_{column} * {writer.harmonic_tile(indent, k, 'feature_harmonics')}"),
                            (f"gy_{k}", f"tl.sum(gf_{column} * {writer.w0_tile(indent, l)}, axis=1)")):
             writer.emit(indent, f"{name} = {name + ' + ' if name in started else ''}{term}")
             started.add(name)
@@ -652,8 +661,7 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     product columns (never stored), the scalar columns stored and the mixed columns through the weights."""
     name = "fused_layer_kernel"
     writer = _KernelWriter(layer.first_features)
-    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
-                           _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
+    arguments = ", ".join([*_input_arguments(layer), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
                            "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
     in_registers = _layer_preamble(writer, layer)
@@ -686,11 +694,10 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     return name, function_source(name, arguments, writer.lines, writer.constants, writer.constants_at)
 
 
-def _backward_arguments() -> list[str]:
+def _backward_arguments(layer: FusedLayerForm) -> list[str]:
     """The arguments both layer backward kernels start with: the inputs, the mixing weights, the cotangents of the
     outputs and those of the inputs."""
-    arguments = [_operand_arguments("env_weights"), _operand_arguments("harmonics"), _operand_arguments("features"),
-                 "weights_ptr"]
+    arguments = [*_input_arguments(layer), "weights_ptr"]
     for name in ("grad_scalars", "grad_mixed", "grad_features", "grad_env_weights", "grad_harmonics"):
         arguments += [f"{name}_ptr", f"{name}_stride_row", f"{name}_stride_column"]
     return arguments
@@ -703,7 +710,7 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     product stored); then the cotangents of w and Y of the center's edges (pass 3)."""
     name = "fused_layer_backward_kernel"
     writer = _KernelWriter(layer.first_features)
-    arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
+    arguments = ", ".join([*_backward_arguments(layer), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
     in_registers = _layer_preamble(writer, layer)
     environment, product = layer.environment, layer.product
@@ -822,8 +829,7 @@ def _generate_layer_tiled(layer: FusedLayerForm, columns_per_pass: int) -> tuple
     chunk's output channels. Nothing but the scalars and the mixed features is written."""
     name = "fused_layer_tiled_kernel"
     writer = _KernelWriter(layer.first_features)
-    arguments = ", ".join([_operand_arguments("env_weights"), _operand_arguments("harmonics"),
-                           _operand_arguments("features"), "weights_ptr", "scalars_ptr", "scalars_stride_row",
+    arguments = ", ".join([*_input_arguments(layer), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
                            "center_ptr_ptr", "num_channels", *_TILED_ARGUMENTS])
     _tiled_preamble(writer)
@@ -877,7 +883,7 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
     (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
     name = "fused_layer_backward_tiled_kernel"
     writer = _KernelWriter(layer.first_features)
-    arguments = ", ".join([*_backward_arguments(), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
+    arguments = ", ".join([*_backward_arguments(layer), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            *_TILED_ARGUMENTS])
     _tiled_preamble(writer)
     environment, product = layer.environment, layer.product
@@ -1197,12 +1203,28 @@ def fused_layer_launch(layer: FusedLayerForm, channels: int, dtype: torch.dtype,
                         mixes=layer.output_dim > 0)
 
 
+def _input_tensors(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
+                   features: torch.Tensor, feature_harmonics: torch.Tensor | None) -> list:
+    """The kernel arguments of w, Y, the features and (first layer) V^0's Y, `harmonics` unless given apart."""
+    if feature_harmonics is not None and not layer.first_features:
+        raise ValueError("feature_harmonics is an operand of the first layer's kernels only")
+    arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
+                 harmonics, *_strides(harmonics, layer.environment.operands[1]),
+                 features, *_strides(features, layer.product.operands[0])]
+    if layer.first_features:
+        feature_harmonics = harmonics if feature_harmonics is None else feature_harmonics
+        arguments += [feature_harmonics, *_strides(feature_harmonics, layer.environment.operands[1])]
+    return arguments
+
+
 def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
-               weights: torch.Tensor, center_ptr: torch.Tensor, device_type: str | None = None):
+               weights: torch.Tensor, center_ptr: torch.Tensor, device_type: str | None = None,
+               feature_harmonics: torch.Tensor | None = None):
     """What `_launch_layer` launches: (launch, kernel arguments, (scalars, mixed)), the outputs allocated and
     unwritten; launch None where there is nothing to launch. `device_type` (default: the tensors') picks the launch:
     "cuda" on CPU tensors gives a GPU launch's arguments (`bench/gpu/kernel_resources.py` compiles the kernels with
-    the specialisation a launch would give them)."""
+    the specialisation a launch would give them). In the first layer, `feature_harmonics` is the Y that forms
+    V^0 = w0 (x) Y (default: `harmonics`, the environment's)."""
     layer = _LAYERS[key]
     num_edges, _, channels = features.shape
     first, last = layer.scalar_columns
@@ -1213,9 +1235,7 @@ def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, fea
     launch = fused_layer_launch(layer, channels, features.dtype, device_type or features.device.type)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
-    arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
-                 harmonics, *_strides(harmonics, layer.environment.operands[1]),
-                 features, *_strides(features, layer.product.operands[0]),
+    arguments = [*_input_tensors(layer, env_weights, harmonics, features, feature_harmonics),
                  weights if weights.numel() else scalars,
                  scalars, scalars.stride(0), scalars.stride(1), mixed_or_any, mixed_or_any.stride(0),
                  mixed_or_any.stride(1), center_ptr, channels]
@@ -1223,9 +1243,11 @@ def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, fea
 
 
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
-                  weights: torch.Tensor, center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  weights: torch.Tensor, center_ptr: torch.Tensor,
+                  feature_harmonics: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     ensure_triton_device(env_weights, harmonics, features, weights, center_ptr)
-    launch, arguments, outputs = layer_call(key, env_weights, harmonics, features, weights, center_ptr)
+    launch, arguments, outputs = layer_call(key, env_weights, harmonics, features, weights, center_ptr,
+                                            feature_harmonics=feature_harmonics)
     if launch is not None:
         with nvtx_range("allegro_fast.fused_layer"):
             _layer_kernel(key, False, launch)[(center_ptr.numel() - 1,)](
@@ -1235,10 +1257,12 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
 
 def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                         weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
-                        center_ptr: torch.Tensor, device_type: str | None = None):
+                        center_ptr: torch.Tensor, device_type: str | None = None,
+                        feature_harmonics: torch.Tensor | None = None):
     """What `_launch_layer_backward` launches: (launch, kernel arguments, (grad_env_weights, grad_harmonics,
-    grad_features)), the outputs allocated and unwritten (grad_harmonics (E, slices, D): its slices summed after the
-    launch); launch None where there is nothing to launch (then the outputs are final). `device_type` as in
+    grad_features)), the outputs allocated and unwritten (grad_harmonics (E, slices, D): the environment's share,
+    then in the first layer V^0's, each in one slice per channel block, summed after the launch); launch None where
+    there is nothing to launch (then grad_harmonics is (E, D), final). `device_type` and `feature_harmonics` as in
     `layer_call`."""
     layer = _LAYERS[key]
     num_edges, _, channels = features.shape
@@ -1257,9 +1281,7 @@ def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Te
     slices = blocks * (2 if layer.first_features else 1)
     grad_harmonics = harmonics.new_empty((num_edges, slices, harmonics.shape[1]))
     mixed_or_any = grad_mixed if grad_mixed.numel() else grad_scalars
-    arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
-                 harmonics, *_strides(harmonics, layer.environment.operands[1]),
-                 features, *_strides(features, layer.product.operands[0]),
+    arguments = [*_input_tensors(layer, env_weights, harmonics, features, feature_harmonics),
                  weights if weights.numel() else grad_scalars,
                  grad_scalars, grad_scalars.stride(0), grad_scalars.stride(1),
                  mixed_or_any, mixed_or_any.stride(0), mixed_or_any.stride(1),
@@ -1272,18 +1294,28 @@ def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Te
 
 def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                            weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
-                           center_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           center_ptr: torch.Tensor, feature_harmonics: torch.Tensor | None = None,
+                           split: bool = False) -> tuple[torch.Tensor, ...]:
+    """(grad_env_weights, grad_harmonics, grad_features); with `split` (the first layer) Y's cotangent in two, the
+    environment's share and V^0's (the cotangent of `feature_harmonics`): four tensors."""
     ensure_triton_device(env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
     launch, arguments, outputs = layer_backward_call(key, env_weights, harmonics, features, weights, grad_scalars,
-                                                     grad_mixed, center_ptr)
-    if launch is None:
-        return outputs
+                                                     grad_mixed, center_ptr, feature_harmonics=feature_harmonics)
     grad_env_weights, grad_harmonics, grad_features = outputs
+    if launch is None:
+        return (*outputs, torch.zeros_like(grad_harmonics)) if split else outputs
     with nvtx_range("allegro_fast.fused_layer.backward"):
         _layer_kernel(key, True, launch)[(center_ptr.numel() - 1,)](
             *arguments, **launch.constants(features.dtype, backward=True), **launch.options)
-    grad_harmonics = grad_harmonics[:, 0] if grad_harmonics.shape[1] == 1 else grad_harmonics.sum(1)
-    return grad_env_weights, grad_harmonics, grad_features
+
+    def summed(slices: torch.Tensor) -> torch.Tensor:
+        return slices[:, 0] if slices.shape[1] == 1 else slices.sum(1)
+
+    if split:
+        blocks = grad_harmonics.shape[1] // 2
+        return (grad_env_weights, summed(grad_harmonics[:, :blocks]), grad_features,
+                summed(grad_harmonics[:, blocks:]))
+    return grad_env_weights, summed(grad_harmonics), grad_features
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1396,13 +1428,14 @@ WEIGHT_GRADIENT_CHUNKS = 8  # edge ranges of the mixing weights' cotangent: T is
 WEIGHT_GRADIENT_MIN_EDGES = 1024  # below this, one range
 
 
-def _mixing_weight_gradient(layer: FusedLayerForm, terms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def _mixing_weight_gradient(layer: FusedLayerForm, terms: Sequence[tuple[torch.Tensor | tuple, torch.Tensor]],
                             grad_mixed: torch.Tensor, center_ptr: torch.Tensor) -> torch.Tensor:
     """The cotangent of the stacked mixing weights, sum_e T^T gV per path, for T = sum over `terms` (V, A) of the
     product of the features V (E, D_in, n) (V^0 in the first layer) with the environment A (N, D2, n): T is
     recomputed (product slot kernel) range of edges by range, each range's sums are matmuls, added in a fixed
     order (no atomics). No (E, P, n) tensor is formed: a range's pointers are center_ptr shifted and clamped to
-    it, so every center's program sees only its edges in the range (static shapes: no host sync)."""
+    it, so every center's program sees only its edges in the range (static shapes: no host sync). In the first
+    layer V may be given as pairs (w0, Y): V = sum of w0 (x) Y, formed range by range."""
     num_edges, channels = grad_mixed.shape[0], grad_mixed.shape[2]
     # a traced program (symbolic edge count) always takes the ranges: a range may be empty, no guard on E
     symbolic = isinstance(num_edges, torch.SymInt)
@@ -1414,7 +1447,13 @@ def _mixing_weight_gradient(layer: FusedLayerForm, terms: Sequence[tuple[torch.T
         pointers = (center_ptr - start).clamp(0, stop - start)
         grad = grad_mixed[start:stop]
         for features, environment in terms:
-            product = trilinear_slot(layer.product.key, 2, features[start:stop], environment, pointers)
+            if isinstance(features, torch.Tensor):
+                chunk = features[start:stop]
+            else:
+                chunk = None
+                for w0, y in features:
+                    chunk = _accumulate(chunk, layer_features(layer, w0[start:stop], y[start:stop]))
+            product = trilinear_slot(layer.product.key, 2, chunk, environment, pointers)
             parts = []
             for group in layer.mixing:
                 block = product[:, group.product_start:group.product_start + group.dim * group.num_paths]
@@ -1644,6 +1683,55 @@ def _first_layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotange
     return _needed_gradients(tensors, grads, needed)
 
 
+def _first_layer_split_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
+                           needed: Sequence[bool], center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
+    """The vector-Jacobian product of the first layer's `fused_layer_backward` on the first layer's own kernels,
+    with no tensor of V^0's size (E, D_in, n) but the output gV': what `fused_layer_double_backward` runs there.
+
+    The first layer is F(w, Y_e, w0, Y_v) at Y_e = Y_v = Y, linear in each of the four (the environment bilinear in
+    (w, Y_e), V^0 = w0 (x) Y_v, T bilinear in (V^0, A)); its kernels take Y_v apart (`feature_harmonics`) and its
+    backward returns Y's cotangent as the two shares (Y_e's, Y_v's). Y's cotangent u_Y is paired with both, so this
+    is `_backward_vjp` with four inputs: one direction per cotangent of (w, Y_e, w0, Y_v), the backward kernel giving
+    the other three inputs their share (Y's two shares added into Y's), the forward kernel giving (gS, gV') theirs,
+    and the mixing weights sum_e dT^T gV' with V^0 formed range by range. Raw launches, not differentiable: the
+    derivative of `fused_layer_double_backward` (third order and beyond) is autograd through
+    `_first_layer_backward_vjp`, the same function by way of the plain twin."""
+    layer = _LAYERS[key]
+    env_weights, harmonics, w0, weights, grad_scalars, grad_mixed = (x.contiguous() for x in tensors)
+    grad_w, grad_y, grad_w0 = (None if u is None else u.contiguous() for u in cotangents)
+    slot_of = (0, 1, 2, 1)  # input of F -> input of the layer (Y_e and Y_v are Y)
+    directions = [(d, tuple(u if slot == d else x for slot, x in enumerate((env_weights, harmonics, w0, harmonics))))
+                  for d, u in enumerate((grad_w, grad_y, grad_w0, grad_y)) if u is not None]
+    grads: list[torch.Tensor | None] = [None] * 6
+    for d, (w, y_e, v0, y_v) in directions:
+        if any(needed[slot_of[s]] for s in range(4) if s != d):
+            outputs = _launch_layer_backward(key, w, y_e, v0, weights, grad_scalars, grad_mixed, center_ptr,
+                                             feature_harmonics=y_v, split=True)
+            for s, output in enumerate(outputs):
+                if s != d and needed[slot_of[s]]:
+                    grads[slot_of[s]] = _accumulate(grads[slot_of[s]], output)
+            del outputs
+        if needed[4] or needed[5]:
+            scalars, mixed = _launch_layer(key, w, y_e, v0, weights, center_ptr, feature_harmonics=y_v)
+            grads[4] = _accumulate(grads[4], scalars)
+            del scalars
+            grads[5] = _accumulate(grads[5], mixed)
+            del mixed
+    if needed[3] and layer.mixing and directions:
+        def environment(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return trilinear_slot(layer.environment.key, 2, w, y, center_ptr)
+
+        terms = []  # (V^0 as (w0, Y) pairs, A): dT's products grouped two ways, two terms as through the twin
+        varied_environment = [environment(w, y_e) for d, (w, y_e, _, _) in directions if d < 2]
+        if varied_environment:
+            terms.append((((w0, harmonics),), sum(varied_environment[1:], varied_environment[0])))
+        varied_features = [(v0, y_v) for d, (_, _, v0, y_v) in directions if d >= 2]
+        if varied_features:
+            terms.append((tuple(varied_features), environment(env_weights, harmonics)))
+        grads[3] = _mixing_weight_gradient(layer, terms, grad_mixed, center_ptr)
+    return _needed_gradients(tensors, grads, needed)
+
+
 def _needed_gradients(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
                       needed: Sequence[bool]) -> list[torch.Tensor | None]:
     """A gradient for every input that needs one (zeros where nothing reached it), None for the others."""
@@ -1651,11 +1739,16 @@ def _needed_gradients(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Ten
 
 
 def layer_backward_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
-                       needed: Sequence[bool], center_ptr: torch.Tensor) -> list[torch.Tensor | None]:
+                       needed: Sequence[bool], center_ptr: torch.Tensor,
+                       differentiable: bool = True) -> list[torch.Tensor | None]:
     """The vector-Jacobian product of `fused_layer_backward` (inputs `tensors` = (w, Y, V, W, gS, gV'), cotangents
     of its outputs (w, Y, V)) from differentiable ops: `_backward_vjp`, through the plain twin in the first layer
-    (`_first_layer_backward_vjp`). The body of `fused_layer_double_backward`, and its derivative."""
-    vjp = _first_layer_backward_vjp if _LAYERS[key].first_features else _backward_vjp
+    (`_first_layer_backward_vjp`), what the derivative of `fused_layer_double_backward` differentiates. Not
+    `differentiable`: the op's own body, the same but in the first layer `_first_layer_split_vjp`."""
+    if not _LAYERS[key].first_features:
+        vjp = _backward_vjp
+    else:
+        vjp = _first_layer_backward_vjp if differentiable else _first_layer_split_vjp
     return vjp(key, tensors, cotangents, needed, center_ptr)
 
 
@@ -1670,11 +1763,13 @@ def fused_layer_double_backward(
     training's loss backward): `layer_backward_vjp` as one op, an empty tensor for an input not `needed`; every
     output contiguous. As one op, its pieces run in the order written there, whatever a compiler would make of
     them: inductor, given the pieces, held every direction's outputs at once (the compiled training step's peak,
-    CPU, default model: 15.4 KB per edge then, 13.4 as one op)."""
+    CPU, default model: 15.4 KB per edge then, 13.4 as one op). In the first layer it runs
+    `_first_layer_split_vjp` (the first layer's kernels: no V^0, dV or V^0 cotangent in memory), not the twin's
+    way that its derivative differentiates."""
     tensors = (env_weights, harmonics, features, weights, grad_scalars, grad_mixed)
     with nvtx_range("allegro_fast.fused_layer.double_backward"):
         grads = layer_backward_vjp(layer_key, tensors, (grad_env_weights, grad_harmonics, grad_features), needed,
-                                   center_ptr)
+                                   center_ptr, differentiable=False)
     return tuple(x.new_empty(0) if g is None else g.contiguous() for x, g in zip(tensors, grads))
 
 

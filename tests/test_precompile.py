@@ -101,9 +101,9 @@ def test_what_triton_specialises_on_does_not_depend_on_the_structure(device, til
                        _structures(device, torch.float64)[1])
     example, other = seen["example"], seen["two periodic cells"]
     assert set(other) <= set(example)
-    # two layers' forward and backward, the first layer's twin's (its double backward), and the environment's and
-    # the product's slot 2 (the mixing weights' gradient)
-    assert sum(name.startswith(("layer ", "slot ")) for name in other) >= 8
+    # two layers' forward and backward (the first layer's double backward runs on its own), and the environment's
+    # and the product's slot 2 (the mixing weights' gradient)
+    assert sum(name.startswith(("layer ", "slot ")) for name in other) >= 6
     for name, signatures in other.items():
         if not name.startswith("edge_geometry"):
             assert signatures == example[name], f"{name}: launched with other arguments than in the example"
