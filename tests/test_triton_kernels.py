@@ -813,6 +813,19 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
         ensure_triton_device(torch.zeros(3))
 
 
+def test_only_the_first_layer_takes_harmonics_for_its_features():
+    """`feature_harmonics` (the Y that forms V^0, apart from the environment's) is an operand of the first layer's
+    kernels only: a layer that reads V refuses it, before anything is launched."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    center_ptr, _ = random_csr([2, 1], "cpu")
+    layer = layer_form(1, True, 2, layer=1)
+    key = kernels.register_layer(layer)
+    inputs = layer_inputs(layer, center_ptr, 2, torch.float64, "cpu", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="first layer's kernels only"):
+        kernels.layer_call(key, *inputs, center_ptr, feature_harmonics=inputs[1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_model_through_force_field_and_export(device, tmp_path):
