@@ -40,7 +40,8 @@ picks the stages of a call that cannot hold them all, `--skip-providers` leaves 
                        alone as well (calls replayed from a CUDA graph: no host time)
     tune_layer         bench/gpu/tune_layer.py: the fused kernels' forward and backward under other launch
                        parameters (BLOCK_E x warps, Triton's num_stages, ptxas's register cap, tf32x3 mixing), checked
-                       against the default launch, with the forward's fraction of its roofline
+                       against the default launch, with the forward's fraction of its roofline; then each layer's
+                       double backward (time, peak memory), the first layer's both ways: its own kernels, its twin
                        (tune-layer.json; each variant's line in tune_layer.log as it finishes)
     e2e_default        end to end, default model, every case (allegro_fast.bench_cli)
     kernels_<op>       pytest-benchmark profiles of each op, float32 then float64 (bench/kernels)
@@ -421,7 +422,7 @@ def main(argv=None) -> int:
     tune = [python, "bench/gpu/tune_layer.py", "--output", str(work / "tune-layer.json")]
     if not full:
         tune += ["--device", "cpu", "--edges", "96", "--variants", "16x4", "--repeats", "1"]
-    suite.run("tune_layer", tune, 150, env=None if cuda else {"TRITON_INTERPRET": "1"}, outputs=("tune-layer.json",))
+    suite.run("tune_layer", tune, 180, env=None if cuda else {"TRITON_INTERPRET": "1"}, outputs=("tune-layer.json",))
 
     # 4. Everything else, as far as the budget goes (a second call: --only with the stages named)
 

@@ -20,6 +20,12 @@ units (`LayerLaunch.dot_precision`); the one-block kernels only (up to TILE_CHAN
 (tl.dot's smallest side on a GPU). `--device cpu` (under TRITON_INTERPRET=1) checks the harness, not speed.
 On CUDA each row has two times: `median_ms`, one call between CUDA events (the host's launch included where it is
 the slower side), and `device_ms`, per call from CUDA-graph replays (`roofline.device_time_ms`): the kernel alone.
+
+Then, at the default launches, each layer's double backward (`fused_layer_double_backward`'s body, force training's
+loss backward through the layer, every input's cotangent wanted), pass "double_backward": in the first layer both
+ways, "own kernels" (four directions on the first layer's kernels, what the op runs since session 21) and "twin"
+(three on the plain twin, with V^0, dV and the V^0 cotangent in memory, what it ran before and what its derivative
+still differentiates), with `peak_mib`, the memory allocated above the inputs at the peak of one call (CUDA).
 """
 
 from __future__ import annotations
@@ -73,6 +79,52 @@ def relative_difference(got: tuple, expected: tuple) -> float:
         if e.numel():
             worst = max(worst, float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)))
     return worst
+
+
+def double_backward_rows(model, args, dtype, device) -> list[dict]:
+    """The double backward of the first and the last layer at the default launches (the module docstring)."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    rows = []
+    for index, position in ((0, "first"), (args.layers - 1, "last")):
+        key, inputs, (scalars, mixed), center_ptr = fused_layer_inputs(model, index, args.edges, dtype, device)
+        tensors = (*inputs, scalars, mixed)
+        generator = torch.Generator(device=device).manual_seed(1)
+        cotangents = [torch.randn(x.shape, generator=generator, device=device, dtype=dtype) for x in inputs[:3]]
+        ways = (("own kernels", False), ("twin", True)) if kernels._LAYERS[key].first_features else (("default", True),)
+        expected = None
+        for variant, differentiable in ways:
+            def fn():
+                with torch.no_grad():
+                    return kernels.layer_backward_vjp(key, tensors, cotangents, [True] * 6, center_ptr,
+                                                      differentiable=differentiable)
+
+            row = {"position": position, "pass": "double_backward", "variant": variant}
+            try:
+                out = fn()
+                expected = expected or [t.clone() for t in out]
+                row["relative_difference"] = relative_difference(out, expected)
+                del out
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    base = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    fn()
+                    torch.cuda.synchronize(device)
+                    row["peak_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2 ** 20, 1)
+                repeats = min(args.repeats, 5)  # calls of tens of milliseconds: the stage's budget
+                times = time_ms(fn, device, warmup=1, repeats=repeats)
+                row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+                if device.type == "cuda":
+                    row["device_ms"] = statistics.median(device_time_ms(fn, device, repeats))
+            except Exception as error:  # recorded, the other rows stand
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+            rows.append(row)
+            status = row.get("error") or (f"{row['median_ms']:8.3f} ms  diff {row['relative_difference']:.1e}"
+                                          + "".join(f"  {label} {row[k]:.3f}" for k, label in (
+                                              ("device_ms", "device ms"), ("peak_mib", "peak MiB")) if k in row))
+            print(f"{position:6s} double_backward {variant:12s} {status}", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -173,6 +225,7 @@ def main(argv=None) -> int:
                           f"{launch.num_warps:2d} warps)  {status}", flush=True)
     finally:
         kernels.fused_layer_launch = original
+    rows += double_backward_rows(model, args, dtype, device)
     result = {"kind": "allegro-fast layer launch tuning", "date": datetime.datetime.now(datetime.timezone.utc)
               .isoformat(timespec="seconds"), "device": device.type,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
