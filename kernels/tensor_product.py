@@ -172,10 +172,13 @@ class FusedLayerForm:
     # The first layer: its features V^0[e, a, c] = w0[e, l, c] Y[e, k] for (l, k) = first_features[a], read by the
     # kernels from w0 (E, l_max+1, n) and Y (never formed in memory); () for a layer that reads V (E, D_in, n).
     first_features: tuple[tuple[int, int], ...] = ()
+    # The first layer's double backward: 2 forms V^0 = w0 (x) Y_v + w0_b (x) Y_b from two pairs (`paired_layer_key`)
+    feature_pairs: int = 1
 
     @property
     def key(self) -> str:
-        text = repr((self.environment.key, self.product.key, self.scalar_columns, self.mixing, self.first_features))
+        parts = (self.environment.key, self.product.key, self.scalar_columns, self.mixing, self.first_features)
+        text = repr(parts + ((self.feature_pairs,) if self.feature_pairs != 1 else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     @property
@@ -328,13 +331,15 @@ class _KernelWriter:
     """Emits the body of one generated kernel. Operands are read through (pointer, row, channel, column)
     strides; `values` caches the loaded tiles of the current edge block by (operand name, column)."""
 
-    def __init__(self, first_features: Sequence[tuple[int, int]] = ()) -> None:
+    def __init__(self, first_features: Sequence[tuple[int, int]] = (), feature_pairs: int = 1) -> None:
         self.lines: list[str] = []
         self.values: dict[tuple[str, int], str] = {}
         self.constants: dict[float, str] = {}
         self.constants_at = 0  # the line after which the constants are defined
-        # the first layer: feature column a is w0's column l times Y's column k, (l, k) = first_features[a]
+        # the first layer: feature column a is w0's column l times Y's column k, (l, k) = first_features[a] (with two
+        # pairs, plus w0_b's column l times Y_b's column k)
         self.first_features = tuple(first_features)
+        self.feature_pairs = feature_pairs
 
     def emit(self, indent: int, text: str) -> None:
         self.lines.append("    " * indent + text)
@@ -349,8 +354,11 @@ class _KernelWriter:
         a feature tile is formed from w0 and Y)."""
         if name == "features" and self.first_features and (name, column) not in self.values:
             l, k = self.first_features[column]
-            self.emit(indent, f"features_{column} = {self.w0_tile(indent, l)} * "
-                              f"{self.harmonic_tile(indent, k, 'feature_harmonics')}")
+            value = f"{self.w0_tile(indent, l)} * {self.harmonic_tile(indent, k, 'feature_harmonics')}"
+            if self.feature_pairs == 2:
+                value += (f" + {self.w0_tile(indent, l, 'features_b')} * "
+                          f"{self.harmonic_tile(indent, k, 'feature_harmonics_b')}")
+            self.emit(indent, f"features_{column} = {value}")
             self.values[(name, column)] = f"features_{column}"
         if (name, column) not in self.values:
             variable = f"{name}_{column}"
@@ -363,13 +371,15 @@ class _KernelWriter:
             self.values[(name, column)] = variable
         return self.values[(name, column)]
 
-    def w0_tile(self, indent: int, l: int) -> str:
-        """The first layer: a (BLOCK_E, BLOCK_C) tile of w0's column l (passed as the `features` operand)."""
-        if ("w0", l) not in self.values:
-            self.emit(indent, f"w0_{l} = tl.load(features_ptr + edge_rows * features_stride_row + channel_cols * "
-                              f"features_stride_channel + {l} * features_stride_column, mask=tile_mask, other=0.0)")
-            self.values[("w0", l)] = f"w0_{l}"
-        return self.values[("w0", l)]
+    def w0_tile(self, indent: int, l: int, name: str = "features") -> str:
+        """The first layer: a (BLOCK_E, BLOCK_C) tile of w0's column l (passed as the `features` operand; the second
+        pair's w0_b as `features_b`)."""
+        if (f"w0 {name}", l) not in self.values:
+            variable = f"w0{name[len('features'):]}_{l}"
+            self.emit(indent, f"{variable} = tl.load({name}_ptr + edge_rows * {name}_stride_row + channel_cols * "
+                              f"{name}_stride_channel + {l} * {name}_stride_column, mask=tile_mask, other=0.0)")
+            self.values[(f"w0 {name}", l)] = variable
+        return self.values[(f"w0 {name}", l)]
 
     def harmonic_tile(self, indent: int, k: int, name: str = "harmonics") -> str:
         """A (BLOCK_E, 1) tile of Y's column k: the environment's Y (`harmonics`), or in the first layer the Y that
@@ -466,7 +476,8 @@ def _operand_arguments(name: str) -> str:
 def _input_arguments(layer: FusedLayerForm) -> list[str]:
     """The layer kernels' first arguments: w, Y and the features (V, or w0 in the first layer, whose kernels take
     the Y that forms V^0 as one more operand)."""
-    names = ["env_weights", "harmonics", "features", *(["feature_harmonics"] if layer.first_features else [])]
+    names = ["env_weights", "harmonics", "features", *(["feature_harmonics"] if layer.first_features else []),
+             *(["features_b", "feature_harmonics_b"] if layer.feature_pairs == 2 else [])]
     return [_operand_arguments(name) for name in names]
 
 
@@ -622,6 +633,10 @@ def _store_feature_cotangents(writer: _KernelWriter, indent: int, layer: FusedLa
             _store_edge_tile(writer, indent, "grad_features", column, values.get(column, zeros))
         return
 
+    # w0's cotangent pairs with V^0's Y; with two pairs the kernel returns the cotangents of w0_b and of Y_v (V^0's
+    # cotangent times the other factor of each: Y_b and w0), what the double backward wants of them
+    w0_pairs_with = "feature_harmonics_b" if layer.feature_pairs == 2 else "feature_harmonics"
+
     def store_y(k: int, value: str) -> None:
         writer.emit(indent, f"tl.store(grad_harmonics_ptr + ({product_slice}) * grad_harmonics_stride_block + edges * "
                             f"grad_harmonics_stride_row + {k} * grad_harmonics_stride_column, {value}, mask=edge_mask)")
@@ -634,7 +649,7 @@ def _store_feature_cotangents(writer: _KernelWriter, indent: int, layer: FusedLa
         l, k = layer.first_features[column]
         if value != f"gf_{column}":
             writer.emit(indent, f"gf_{column} = {value}")
-        for name, term in ((f"gw0_{l}", f"gf_{column} * {writer.harmonic_tile(indent, k, 'feature_harmonics')}"),
+        for name, term in ((f"gw0_{l}", f"gf_{column} * {writer.harmonic_tile(indent, k, w0_pairs_with)}"),
                            (f"gy_{k}", f"tl.sum(gf_{column} * {writer.w0_tile(indent, l)}, axis=1)")):
             writer.emit(indent, f"{name} = {name + ' + ' if name in started else ''}{term}")
             started.add(name)
@@ -660,7 +675,7 @@ def _generate_layer(layer: FusedLayerForm) -> tuple[str, str]:
     """Source of the fused layer: per center, the environment in registers, then per block of its edges the
     product columns (never stored), the scalar columns stored and the mixed columns through the weights."""
     name = "fused_layer_kernel"
-    writer = _KernelWriter(layer.first_features)
+    writer = _KernelWriter(layer.first_features, layer.feature_pairs)
     arguments = ", ".join([*_input_arguments(layer), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
                            "center_ptr_ptr", "num_channels", "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
@@ -709,7 +724,7 @@ def _generate_layer_backward(layer: FusedLayerForm) -> tuple[str, str]:
     transposed mixing), V's cotangent stored and the environment's cotangent summed (pass 2, nothing of the
     product stored); then the cotangents of w and Y of the center's edges (pass 3)."""
     name = "fused_layer_backward_kernel"
-    writer = _KernelWriter(layer.first_features)
+    writer = _KernelWriter(layer.first_features, layer.feature_pairs)
     arguments = ", ".join([*_backward_arguments(layer), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            "BLOCK_E: tl.constexpr", "BLOCK_C: tl.constexpr", "DOT: tl.constexpr"])
     in_registers = _layer_preamble(writer, layer)
@@ -828,7 +843,7 @@ def _generate_layer_tiled(layer: FusedLayerForm, columns_per_pass: int) -> tuple
     the scalar columns (first pass, first chunk) and accumulates the mixing into (BLOCK_E, BLOCK_O) tiles of the
     chunk's output channels. Nothing but the scalars and the mixed features is written."""
     name = "fused_layer_tiled_kernel"
-    writer = _KernelWriter(layer.first_features)
+    writer = _KernelWriter(layer.first_features, layer.feature_pairs)
     arguments = ", ".join([*_input_arguments(layer), "weights_ptr", "scalars_ptr", "scalars_stride_row",
                            "scalars_stride_column", "mixed_ptr", "mixed_stride_row", "mixed_stride_column",
                            "center_ptr_ptr", "num_channels", *_TILED_ARGUMENTS])
@@ -882,7 +897,7 @@ def _generate_layer_backward_tiled(layer: FusedLayerForm) -> tuple[str, str]:
     environment's; a last pass over the edges stores w's cotangent and this channel block's share of Y's
     (grad_harmonics has one slice per channel block, summed by the launcher: no atomics)."""
     name = "fused_layer_backward_tiled_kernel"
-    writer = _KernelWriter(layer.first_features)
+    writer = _KernelWriter(layer.first_features, layer.feature_pairs)
     arguments = ", ".join([*_backward_arguments(layer), "grad_harmonics_stride_block", "center_ptr_ptr", "num_channels",
                            *_TILED_ARGUMENTS])
     _tiled_preamble(writer)
@@ -1204,27 +1219,38 @@ def fused_layer_launch(layer: FusedLayerForm, channels: int, dtype: torch.dtype,
 
 
 def _input_tensors(layer: FusedLayerForm, env_weights: torch.Tensor, harmonics: torch.Tensor,
-                   features: torch.Tensor, feature_harmonics: torch.Tensor | None) -> list:
-    """The kernel arguments of w, Y, the features and (first layer) V^0's Y, `harmonics` unless given apart."""
+                   features: torch.Tensor, feature_harmonics: torch.Tensor | None,
+                   second_pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
+    """The kernel arguments of w, Y, the features and (first layer) V^0's Y, `harmonics` unless given apart, and
+    (a layer of two feature pairs) the second pair (w0_b, Y_b)."""
     if feature_harmonics is not None and not layer.first_features:
         raise ValueError("feature_harmonics is an operand of the first layer's kernels only")
+    if (second_pair is not None) != (layer.feature_pairs == 2):
+        raise ValueError(f"second_pair is the operand of a layer of two feature pairs (`paired_layer_key`): this "
+                         f"layer has {layer.feature_pairs}, and second_pair is {'not ' * (second_pair is None)}given")
     arguments = [env_weights, *_strides(env_weights, layer.environment.operands[0]),
                  harmonics, *_strides(harmonics, layer.environment.operands[1]),
                  features, *_strides(features, layer.product.operands[0])]
     if layer.first_features:
         feature_harmonics = harmonics if feature_harmonics is None else feature_harmonics
         arguments += [feature_harmonics, *_strides(feature_harmonics, layer.environment.operands[1])]
+    if second_pair is not None:
+        w0_b, y_b = second_pair
+        arguments += [w0_b, *_strides(w0_b, layer.product.operands[0]),
+                      y_b, *_strides(y_b, layer.environment.operands[1])]
     return arguments
 
 
 def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                weights: torch.Tensor, center_ptr: torch.Tensor, device_type: str | None = None,
-               feature_harmonics: torch.Tensor | None = None):
+               feature_harmonics: torch.Tensor | None = None,
+               second_pair: tuple[torch.Tensor, torch.Tensor] | None = None):
     """What `_launch_layer` launches: (launch, kernel arguments, (scalars, mixed)), the outputs allocated and
     unwritten; launch None where there is nothing to launch. `device_type` (default: the tensors') picks the launch:
     "cuda" on CPU tensors gives a GPU launch's arguments (`bench/gpu/kernel_resources.py` compiles the kernels with
     the specialisation a launch would give them). In the first layer, `feature_harmonics` is the Y that forms
-    V^0 = w0 (x) Y (default: `harmonics`, the environment's)."""
+    V^0 = w0 (x) Y (default: `harmonics`, the environment's); in a layer of two feature pairs (`paired_layer_key`),
+    `second_pair` = (w0_b, Y_b) adds w0_b (x) Y_b to V^0."""
     layer = _LAYERS[key]
     num_edges, _, channels = features.shape
     first, last = layer.scalar_columns
@@ -1235,7 +1261,7 @@ def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, fea
     launch = fused_layer_launch(layer, channels, features.dtype, device_type or features.device.type)
     # A layer without mixing passes the scalars as stand-ins: no program reads or writes them.
     mixed_or_any = mixed if mixed.numel() else scalars
-    arguments = [*_input_tensors(layer, env_weights, harmonics, features, feature_harmonics),
+    arguments = [*_input_tensors(layer, env_weights, harmonics, features, feature_harmonics, second_pair),
                  weights if weights.numel() else scalars,
                  scalars, scalars.stride(0), scalars.stride(1), mixed_or_any, mixed_or_any.stride(0),
                  mixed_or_any.stride(1), center_ptr, channels]
@@ -1243,11 +1269,11 @@ def layer_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, fea
 
 
 def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
-                  weights: torch.Tensor, center_ptr: torch.Tensor,
-                  feature_harmonics: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  weights: torch.Tensor, center_ptr: torch.Tensor, feature_harmonics: torch.Tensor | None = None,
+                  second_pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     ensure_triton_device(env_weights, harmonics, features, weights, center_ptr)
     launch, arguments, outputs = layer_call(key, env_weights, harmonics, features, weights, center_ptr,
-                                            feature_harmonics=feature_harmonics)
+                                            feature_harmonics=feature_harmonics, second_pair=second_pair)
     if launch is not None:
         with nvtx_range("allegro_fast.fused_layer"):
             _layer_kernel(key, False, launch)[(center_ptr.numel() - 1,)](
@@ -1258,12 +1284,14 @@ def _launch_layer(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, 
 def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                         weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
                         center_ptr: torch.Tensor, device_type: str | None = None,
-                        feature_harmonics: torch.Tensor | None = None):
+                        feature_harmonics: torch.Tensor | None = None,
+                        second_pair: tuple[torch.Tensor, torch.Tensor] | None = None):
     """What `_launch_layer_backward` launches: (launch, kernel arguments, (grad_env_weights, grad_harmonics,
     grad_features)), the outputs allocated and unwritten (grad_harmonics (E, slices, D): the environment's share,
     then in the first layer V^0's, each in one slice per channel block, summed after the launch); launch None where
-    there is nothing to launch (then grad_harmonics is (E, D), final). `device_type` and `feature_harmonics` as in
-    `layer_call`."""
+    there is nothing to launch (then grad_harmonics is (E, D), final). `device_type`, `feature_harmonics` and
+    `second_pair` as in `layer_call`; with two feature pairs, grad_features is the cotangent of w0_b, and V^0's share
+    of Y's that of Y_v (`_store_feature_cotangents`)."""
     layer = _LAYERS[key]
     num_edges, _, channels = features.shape
     grad_env_weights = torch.empty_like(env_weights)
@@ -1281,7 +1309,7 @@ def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Te
     slices = blocks * (2 if layer.first_features else 1)
     grad_harmonics = harmonics.new_empty((num_edges, slices, harmonics.shape[1]))
     mixed_or_any = grad_mixed if grad_mixed.numel() else grad_scalars
-    arguments = [*_input_tensors(layer, env_weights, harmonics, features, feature_harmonics),
+    arguments = [*_input_tensors(layer, env_weights, harmonics, features, feature_harmonics, second_pair),
                  weights if weights.numel() else grad_scalars,
                  grad_scalars, grad_scalars.stride(0), grad_scalars.stride(1),
                  mixed_or_any, mixed_or_any.stride(0), mixed_or_any.stride(1),
@@ -1295,12 +1323,15 @@ def layer_backward_call(key: str, env_weights: torch.Tensor, harmonics: torch.Te
 def _launch_layer_backward(key: str, env_weights: torch.Tensor, harmonics: torch.Tensor, features: torch.Tensor,
                            weights: torch.Tensor, grad_scalars: torch.Tensor, grad_mixed: torch.Tensor,
                            center_ptr: torch.Tensor, feature_harmonics: torch.Tensor | None = None,
-                           split: bool = False) -> tuple[torch.Tensor, ...]:
+                           split: bool = False,
+                           second_pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """(grad_env_weights, grad_harmonics, grad_features); with `split` (the first layer) Y's cotangent in two, the
-    environment's share and V^0's (the cotangent of `feature_harmonics`): four tensors."""
+    environment's share and V^0's (the cotangent of `feature_harmonics`): four tensors. `second_pair`: as in
+    `layer_backward_call`."""
     ensure_triton_device(env_weights, harmonics, features, weights, grad_scalars, grad_mixed, center_ptr)
     launch, arguments, outputs = layer_backward_call(key, env_weights, harmonics, features, weights, grad_scalars,
-                                                     grad_mixed, center_ptr, feature_harmonics=feature_harmonics)
+                                                     grad_mixed, center_ptr, feature_harmonics=feature_harmonics,
+                                                     second_pair=second_pair)
     grad_env_weights, grad_harmonics, grad_features = outputs
     if launch is None:
         return (*outputs, torch.zeros_like(grad_harmonics)) if split else outputs
@@ -1543,6 +1574,17 @@ def plain_layer_key(key: str) -> str:
     return _TWINS[key]
 
 
+_PAIRED: dict[str, str] = {}  # first layer key -> the key of its form with two feature pairs
+
+
+def paired_layer_key(key: str) -> str:
+    """The key of the registered first layer `key` with two feature pairs: V^0 = w0 (x) Y_v + w0_b (x) Y_b (the
+    double backward's direction that varies V^0 both ways, u_w0 (x) Y + w0 (x) u_Y, in one launch)."""
+    if key not in _PAIRED:
+        _PAIRED[key] = register_layer(dataclasses.replace(_LAYERS[key], feature_pairs=2))
+    return _PAIRED[key]
+
+
 def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     """total + value, in place where no autograd graph records it (inside `fused_layer_double_backward`, whose
     pieces are all fresh tensors): one buffer per sum, not one per term."""
@@ -1693,39 +1735,53 @@ def _first_layer_split_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents
     backward returns Y's cotangent as the two shares (Y_e's, Y_v's). Y's cotangent u_Y is paired with both, so this
     is `_backward_vjp` with four inputs: one direction per cotangent of (w, Y_e, w0, Y_v), the backward kernel giving
     the other three inputs their share (Y's two shares added into Y's), the forward kernel giving (gS, gV') theirs,
-    and the mixing weights sum_e dT^T gV' with V^0 formed range by range. Raw launches, not differentiable: the
-    derivative of `fused_layer_double_backward` (third order and beyond) is autograd through
-    `_first_layer_backward_vjp`, the same function by way of the plain twin."""
+    and the mixing weights sum_e dT^T gV' with V^0 formed range by range. The two directions that vary V^0 share
+    one launch of the layer of two feature pairs (`paired_layer_key`): V^0 = u_w0 (x) Y + w0 (x) u_Y, whose backward
+    returns the cotangents of Y_v in the first (V^0's cotangent times u_w0) and of w0 in the second (times u_Y). So
+    three launches each way, as through the twin. Raw launches, not differentiable: the derivative of
+    `fused_layer_double_backward` (third order and beyond) is autograd through `_first_layer_backward_vjp`, the
+    same function by way of the plain twin."""
     layer = _LAYERS[key]
     env_weights, harmonics, w0, weights, grad_scalars, grad_mixed = (x.contiguous() for x in tensors)
     grad_w, grad_y, grad_w0 = (None if u is None else u.contiguous() for u in cotangents)
-    slot_of = (0, 1, 2, 1)  # input of F -> input of the layer (Y_e and Y_v are Y)
-    directions = [(d, tuple(u if slot == d else x for slot, x in enumerate((env_weights, harmonics, w0, harmonics))))
-                  for d, u in enumerate((grad_w, grad_y, grad_w0, grad_y)) if u is not None]
+    # (layer key, (w, Y_e, w0, Y_v), second pair, the layer input that each backward output adds to, or None)
+    runs = []
+    if grad_w is not None:
+        runs.append((key, (grad_w, harmonics, w0, harmonics), None, (None, 1, 2, 1)))
+    if grad_y is not None:
+        runs.append((key, (env_weights, grad_y, w0, harmonics), None, (0, None, 2, 1)))
+    varied_features = [pair for pair, u in (((grad_w0, harmonics), grad_w0), ((w0, grad_y), grad_y)) if u is not None]
+    if len(varied_features) == 2:
+        runs.append((paired_layer_key(key), (env_weights, harmonics, grad_w0, harmonics), (w0, grad_y), (0, 1, 2, 1)))
+    elif grad_w0 is not None:
+        runs.append((key, (env_weights, harmonics, grad_w0, harmonics), None, (0, 1, None, 1)))
+    elif grad_y is not None:
+        runs.append((key, (env_weights, harmonics, w0, grad_y), None, (0, 1, 2, None)))
     grads: list[torch.Tensor | None] = [None] * 6
-    for d, (w, y_e, v0, y_v) in directions:
-        if any(needed[slot_of[s]] for s in range(4) if s != d):
-            outputs = _launch_layer_backward(key, w, y_e, v0, weights, grad_scalars, grad_mixed, center_ptr,
-                                             feature_harmonics=y_v, split=True)
-            for s, output in enumerate(outputs):
-                if s != d and needed[slot_of[s]]:
-                    grads[slot_of[s]] = _accumulate(grads[slot_of[s]], output)
+    for run_key, inputs, second_pair, targets in runs:
+        if any(needed[target] for target in targets if target is not None):
+            outputs = _launch_layer_backward(run_key, *inputs[:3], weights, grad_scalars, grad_mixed, center_ptr,
+                                             feature_harmonics=inputs[3], split=True, second_pair=second_pair)
+            for target, output in zip(targets, outputs):
+                if target is not None and needed[target]:
+                    grads[target] = _accumulate(grads[target], output)
             del outputs
         if needed[4] or needed[5]:
-            scalars, mixed = _launch_layer(key, w, y_e, v0, weights, center_ptr, feature_harmonics=y_v)
+            scalars, mixed = _launch_layer(run_key, *inputs[:3], weights, center_ptr, feature_harmonics=inputs[3],
+                                           second_pair=second_pair)
             grads[4] = _accumulate(grads[4], scalars)
             del scalars
             grads[5] = _accumulate(grads[5], mixed)
             del mixed
-    if needed[3] and layer.mixing and directions:
+    if needed[3] and layer.mixing and runs:
         def environment(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return trilinear_slot(layer.environment.key, 2, w, y, center_ptr)
 
-        terms = []  # (V^0 as (w0, Y) pairs, A): dT's products grouped two ways, two terms as through the twin
-        varied_environment = [environment(w, y_e) for d, (w, y_e, _, _) in directions if d < 2]
+        terms = []  # (V^0 as (w0, Y) pairs, A): dT's products grouped by what they vary, two terms as in the runs
+        varied_environment = [environment(w, y) for w, y in ((grad_w, harmonics), (env_weights, grad_y))
+                              if w is not None and y is not None]
         if varied_environment:
             terms.append((((w0, harmonics),), sum(varied_environment[1:], varied_environment[0])))
-        varied_features = [(v0, y_v) for d, (_, _, v0, y_v) in directions if d >= 2]
         if varied_features:
             terms.append((tuple(varied_features), environment(env_weights, harmonics)))
         grads[3] = _mixing_weight_gradient(layer, terms, grad_mixed, center_ptr)

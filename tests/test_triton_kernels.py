@@ -748,11 +748,11 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     rows = json.loads(output.read_text())
     # the layer kernels under a launch variant too (tune_layer.py's syntax): ptxas honours the register cap
     variant_rows = [row for row in rows if row["kernel"].endswith("@16x2r96")]
-    assert len(variant_rows) == 2 * 6 and all(row["registers"] <= 96 and row["num_warps"] == 2 for row in variant_rows)
+    assert len(variant_rows) == 2 * 8 and all(row["registers"] <= 96 and row["num_warps"] == 2 for row in variant_rows)
     rows = [row for row in rows if row not in variant_rows]
     # dtypes x (3 segment sums + 3 edge geometry + layers x (forward, backward, 3 slots of 2 forms) + the first
-    # layer's twin (forward, backward))
-    assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6) + 2)
+    # layer's twin and its form of two feature pairs (forward, backward))
+    assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6) + 2 + 2)
     assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
     assert all(row["tf32_dots"] == 0 for row in rows), [row["kernel"] for row in rows if row["tf32_dots"]]
@@ -794,7 +794,8 @@ def test_channel_tiled_mixing_stays_a_float32_multiply_and_sum_on_a_gpu(tmp_path
         rows += [{**row, "channels": channels} for row in json.loads(output.read_text())]
     tiled = [row for row in rows if row["channels"] == 33]
     one_block = [row for row in rows if row["channels"] == 16]
-    assert len(tiled) == len(one_block) == 6  # forward and backward of two layers and of the first one's twin
+    # forward and backward of two layers, of the first one's twin and of its form of two feature pairs
+    assert len(tiled) == len(one_block) == 8
     assert all(row["dots"] == 0 for row in tiled), [(row["kernel"], row["dots"]) for row in tiled]
     assert any(row["dots"] > 0 for row in one_block) and all(row["tf32_dots"] == 0 for row in one_block)
 

@@ -180,8 +180,10 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
     model = af.Allegro(config, backend="torch")
     for index, key in enumerate(model._triton_forms()):
         layer = kernels._LAYERS[key]
-        # the first layer's twin that reads V^0 from memory: its double backward (force training) runs on it
-        versions = [("", key)] + ([(".twin", kernels.plain_layer_key(key))] if layer.first_features else [])
+        # the first layer's twin that reads V^0 from memory (the double backward's derivative runs on it) and its form
+        # of two feature pairs (the double backward, force training, runs on it and on the first layer's own)
+        versions = [("", key)] + ([(".twin", kernels.plain_layer_key(key)), (".pairs", kernels.paired_layer_key(key))]
+                                  if layer.first_features else [])
         for suffix, version in versions:
             for backward in (False, True):
                 default, arguments = layer_arguments(version, getattr(torch, dtype), channels, backward)
@@ -215,13 +217,15 @@ def layer_arguments(key: str, dtype, channels: int, backward: bool, num_edges: i
               torch.zeros(num_edges, layer.feature_columns, channels, dtype=dtype),
               torch.zeros(layer.num_weights, channels, channels, dtype=dtype))
     center_ptr = torch.arange(0, num_edges + 1, 4)  # 4 edges per center
+    second_pair = (inputs[2], inputs[1]) if layer.feature_pairs == 2 else None
     if not backward:
-        launch, arguments, _ = kernels.layer_call(key, *inputs, center_ptr, device_type="cuda")
+        launch, arguments, _ = kernels.layer_call(key, *inputs, center_ptr, device_type="cuda", second_pair=second_pair)
         return launch, arguments
     first, last = layer.scalar_columns
     cotangents = (torch.zeros(num_edges, last - first, channels, dtype=dtype),
                   torch.zeros(num_edges, layer.output_dim, channels, dtype=dtype))
-    launch, arguments, _ = kernels.layer_backward_call(key, *inputs, *cotangents, center_ptr, device_type="cuda")
+    launch, arguments, _ = kernels.layer_backward_call(key, *inputs, *cotangents, center_ptr, device_type="cuda",
+                                                       second_pair=second_pair)
     return launch, arguments
 
 

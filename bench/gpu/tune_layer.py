@@ -23,9 +23,10 @@ the slower side), and `device_ms`, per call from CUDA-graph replays (`roofline.d
 
 Then, at the default launches, each layer's double backward (`fused_layer_double_backward`'s body, force training's
 loss backward through the layer, every input's cotangent wanted), pass "double_backward": in the first layer both
-ways, "own kernels" (four directions on the first layer's kernels, what the op runs since session 21) and "twin"
-(three on the plain twin, with V^0, dV and the V^0 cotangent in memory, what it ran before and what its derivative
-still differentiates), with `peak_mib`, the memory allocated above the inputs at the peak of one call (CUDA).
+ways, "own kernels" (three directions on the first layer's kernels, one of them through its form of two feature
+pairs: what the op runs since session 21) and "twin" (three on the plain twin, with V^0, dV and the V^0 cotangent in
+memory: what it ran before, and what its derivative still differentiates), with `peak_mib`, the memory allocated
+above the inputs at the peak of one call (CUDA).
 """
 
 from __future__ import annotations
