@@ -524,6 +524,28 @@ def test_double_backward_holds_one_direction_at_a_time(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_first_layer_double_backward_agrees_with_its_twin_for_every_set_of_cotangents(device):
+    """The first layer's double backward runs one of two launches for the directions that vary V^0: the form of two
+    feature pairs when both u_w0 and u_Y are given, the first layer's own kernels when one is. Every set of
+    cotangents, against the twin's way (what its derivative differentiates), float64, to 1e-12."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    channels = 2
+    center_ptr, _ = random_csr([3, 0, 1, 2], device)
+    layer = layer_form(1, True, channels, layer=0)
+    key = kernels.register_layer(layer)
+    generator = torch.Generator().manual_seed(29)
+    inputs = backward_inputs(layer, center_ptr, channels, device, generator)
+    cotangents = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device) for x in inputs[:3]]
+    for present in ((True, False, True), (False, False, True), (False, True, True), (False, True, False)):
+        given = [u if p else None for u, p in zip(cotangents, present)]
+        own = kernels.fused_layer_double_backward(key, *inputs, *given, center_ptr, [True] * 6)
+        twin = kernels.layer_backward_vjp(key, inputs, given, [True] * 6, center_ptr)
+        for name, a, b in zip(("w", "Y", "w0", "W", "gS", "gV"), own, twin):
+            assert relative_error(a, b) < 1e-12, (present, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("l_max", [1, 3])
 def test_edge_geometry_matches_reference_and_gradchecks(device, l_max):
     from allegro_fast.kernels.edge_geometry import edge_geometry, edge_geometry_ref
