@@ -1595,13 +1595,16 @@ def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor
     return total.add_(value)
 
 
+def _add_layer_outputs(grads: list[torch.Tensor | None], outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A direction's layer outputs (scalars, mixed), added to the cotangents of (gS, gV')."""
+    grads[4] = _accumulate(grads[4], outputs[0])
+    grads[5] = _accumulate(grads[5], outputs[1])
+
+
 def _direction_outputs(key: str, direction: Sequence[torch.Tensor], weights: torch.Tensor,
                        grads: list[torch.Tensor | None], center_ptr: torch.Tensor) -> None:
     """The layer's outputs for one direction of dT (the forward kernel), added to the cotangents of (gS, gV')."""
-    scalars, mixed = fused_layer(key, *direction, weights, center_ptr)
-    grads[4] = _accumulate(grads[4], scalars)
-    del scalars
-    grads[5] = _accumulate(grads[5], mixed)
+    _add_layer_outputs(grads, fused_layer(key, *direction, weights, center_ptr))
 
 
 def _mixing_terms(layer: FusedLayerForm, directions: Sequence[Sequence[torch.Tensor]],
@@ -1767,12 +1770,8 @@ def _first_layer_split_vjp(key: str, tensors: Sequence[torch.Tensor], cotangents
                     grads[target] = _accumulate(grads[target], output)
             del outputs
         if needed[4] or needed[5]:
-            scalars, mixed = _launch_layer(run_key, *inputs[:3], weights, center_ptr, feature_harmonics=inputs[3],
-                                           second_pair=second_pair)
-            grads[4] = _accumulate(grads[4], scalars)
-            del scalars
-            grads[5] = _accumulate(grads[5], mixed)
-            del mixed
+            _add_layer_outputs(grads, _launch_layer(run_key, *inputs[:3], weights, center_ptr,
+                                                    feature_harmonics=inputs[3], second_pair=second_pair))
     if needed[3] and layer.mixing and runs:
         def environment(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return trilinear_slot(layer.environment.key, 2, w, y, center_ptr)
