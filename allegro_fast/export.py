@@ -34,6 +34,11 @@ What works where (torch 2.11 and 2.13, CPU; see the tests and the lead's README 
   compiles the exported program to a shared library inside a .pt2 package, loadable from Python
   (`load_package`) or C++ without Python. Needs a C++ compiler at package time.
 
+torch.compile's disk caches (inductor's FX graph cache and AOTAutograd's cache) key a program on the graph that
+Dynamo traced, not on the Python behind a custom op's registered derivative: a training step compiled before an
+upgrade of this package would be read back after it, with the old double backward (seen on torch 2.13). So every
+program compiled here compiles with `compile_cache_tag()`, a digest of this package's source, in its cache keys.
+
 Number of atoms N and edges E are dynamic in exported programs, the number of structures B is fixed to the
 example's (1 for MD); exported programs use the edge-list layout. The Allegro torch backend's edge
 chunking (a Python loop over chunk sizes computed from E) cannot be traced with symbolic E, so ForceField
@@ -43,12 +48,15 @@ runs the model on one chunk, and it reads the atom count from shapes instead of 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
+import functools
+import hashlib
+import importlib.util
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -308,6 +316,52 @@ class EdgePadding:
         return {key: value[:num_atoms] if key in per_atom else value[:num_structures] for key, value in out.items()}
 
 
+def source_digest(roots) -> str:
+    """sha256 (hex) of the .py files under the folders ``roots``: their names (relative to their root) and bytes."""
+    digest = hashlib.sha256()
+    files = {path.resolve(): root for root in map(Path, roots) for path in root.rglob("*.py")}
+    for path, root in sorted(files.items()):
+        digest.update(path.relative_to(root.resolve()).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def compile_cache_tag() -> str:
+    """"allegro_fast-" and the first 16 hex digits of `source_digest` over this package's Python source (the
+    allegro_fast, kernels and reference folders, wherever they are installed): a different tag for any change."""
+    names = ("allegro_fast", "allegro_fast.kernels", "allegro_fast.reference")
+    roots = [Path(next(iter(importlib.util.find_spec(name).submodule_search_locations))) for name in names]
+    return "allegro_fast-" + source_digest(roots)[:16]
+
+
+class _CompileSettings:
+    """Config values that hold while a compiled program of this module runs (it compiles at its first call, and
+    again for new shapes), put back after it: the cache tag (`compile_cache_tag`, after the user's own
+    torch.compiler.config.cache_key_tag, if any) and ``settings``, (config module, name, value) triples. Set by
+    plain setattr: torch's config.patch costs ~17 us a call on the CPU here, this ~3 us a value."""
+
+    def __init__(self, *settings: tuple[object, str, object]) -> None:
+        tag = compile_cache_tag()
+        config = getattr(torch.compiler, "config", None)
+        if config is not None and hasattr(config, "cache_key_tag"):
+            user = config.cache_key_tag  # kept in front; ours is not added twice (a program called in another)
+            ours = user if user == tag or user.endswith("+" + tag) else f"{user}+{tag}" if user else tag
+            settings += ((config, "cache_key_tag", ours),)
+        else:  # torch before 2.7 has no tag to add: compile without the caches
+            settings += ((torch._inductor.config, "force_disable_caches", True),)
+        self.settings = settings
+
+    def __enter__(self) -> None:
+        self.saved = [getattr(module, name) for module, name, _ in self.settings]
+        for module, name, value in self.settings:
+            setattr(module, name, value)
+
+    def __exit__(self, *exc_info) -> None:
+        for (module, name, _), value in zip(self.settings, self.saved):
+            setattr(module, name, value)
+
+
 class CompiledForceField(nn.Module):
     """torch.compile'd ForceField; call it with an AtomicGraph or with the six tensors. With `padding`
     (an EdgePadding) every call's inputs are padded to fixed sizes first, and its outputs cut back."""
@@ -330,7 +384,7 @@ class CompiledForceField(nn.Module):
             slots = self._static_slots(slots)
         positions, cell, *rest = inputs
         positions, strain, cell = self.force_field.leaves(positions, cell)
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with _CompileSettings((torch._dynamo.config, "trace_autograd_ops", True)):
             out = self._compiled(positions, strain, cell, *rest, slots=slots)
         return out if self.padding is None else EdgePadding.unpad(out, num_atoms, num_structures)
 
@@ -403,7 +457,7 @@ class TrainingForceField:
     ``activation_memory_budget`` (0 to 1; None: PyTorch's default, 1): what the compiled programs keep for the loss
     backward, as a fraction of what they would keep, the rest recomputed there
     (``torch._functorch.config.activation_memory_budget``, set while this object's programs compile). The default
-    model's compiled step on the CPU (Ag 108 atoms, float32, the triton backend): 13.4 KB per edge at its peak, 11.5
+    model's compiled step on the CPU (Ag 108 atoms, float32, the triton backend): 12.4 KB per edge at its peak, 11.0
     KB with 0.5 (`bench/training_memory.py`); what the recomputation costs in time on a GPU is not measured.
     """
 
@@ -452,9 +506,9 @@ class TrainingForceField:
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed by now
         # a program compiles at its first call: the partitioner reads the budget then
-        budget = (contextlib.nullcontext() if self.activation_memory_budget is None else
-                  torch._functorch.config.patch(activation_memory_budget=self.activation_memory_budget))
-        with budget:
+        budget = () if self.activation_memory_budget is None else (
+            (torch._functorch.config, "activation_memory_budget", self.activation_memory_budget),)
+        with _CompileSettings(*budget):
             energy, forces, stress = program(parameters, *inputs)
         out = {"energy": energy, "forces": forces, "stress": stress}
         return out if self.padding is None else EdgePadding.unpad(out, graph.num_nodes, graph.num_structures)
@@ -594,7 +648,8 @@ def package_model(
     configs.update(inductor_configs or {})
     path, temporary = _atomic_target(path)
     try:
-        aoti_compile_and_package(program, package_path=temporary, inductor_configs=configs)
+        with _CompileSettings():
+            aoti_compile_and_package(program, package_path=temporary, inductor_configs=configs)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -14,7 +14,8 @@ events), after one unmeasured step (kernel generation; with --compiled, tracing 
     python bench/training_memory.py --backend torch --repeat 4
 
 Prints one JSON line: the peak in bytes per edge (and in MiB for --scale-edges edges, 116,988 = Ag 2048 x 2).
---compiled turns inductor's caches off: a cached backward graph would be the one traced before a code change.
+--compiled turns inductor's caches off, so that every run compiles what it measures (a program of other source
+would not be read back anyway: export.compile_cache_tag).
 """
 
 from __future__ import annotations
