@@ -625,10 +625,30 @@ class LoadedProgram:
         return self.runner(*inputs)
 
 
+def _register_ops() -> None:
+    """Register this package's custom ops (allegro_fast::...), which the triton backend's programs call by name:
+    torch resolves a loaded program's ops among those registered in the process (a fresh process that had not
+    imported the kernels failed to load one)."""
+    from .kernels import edge_geometry, segments, tensor_product  # noqa: F401
+
+
+def _register_layer_forms(metadata: dict) -> None:
+    """Register the fused layer forms of the program's model with the kernels: the triton backend's layer ops
+    take a form's key, which the model registers when it first runs (`Allegro._triton_forms`)."""
+    from .config import AllegroConfig
+    from .model import Allegro
+
+    text = metadata.get("allegro_fast_config")
+    if text:
+        Allegro(AllegroConfig.from_dict(json.loads(text)), backend="triton")._triton_forms()
+
+
 def load_exported(path: str | os.PathLike) -> LoadedProgram:
     """Load a file written by export_model; returns a callable."""
+    _register_ops()
     extra_files = dict.fromkeys(METADATA_KEYS, "")
     program = torch.export.load(os.fspath(path), extra_files=extra_files)
+    _register_layer_forms(extra_files)
     return LoadedProgram(runner=program.module(), metadata=extra_files)
 
 
@@ -640,7 +660,11 @@ def package_model(
     inductor_configs: dict | None = None,
 ) -> str:
     """AOTInductor package (.pt2) of the exported ForceField: a compiled shared library plus weights, loadable
-    without Python (torch::inductor::AOTIModelPackageLoader) or with `load_package`. Atomic write."""
+    without Python (torch::inductor::AOTIModelPackageLoader) or with `load_package`. Atomic write.
+
+    A model of the triton backend packages too, but its library calls this package's ops, which are Python
+    (torch.library.custom_op): it loads with `load_package`, in Python, and not from C++ alone (torch: "Custom
+    operators created via torch.library.custom_op cannot be run via AOTI without Python environment")."""
     from torch._inductor import aoti_compile_and_package
 
     program = export_program(model, example_graph)
@@ -661,5 +685,8 @@ def load_package(path: str | os.PathLike) -> LoadedProgram:
     """Load an AOTInductor package written by package_model; returns a callable."""
     from torch._inductor import aoti_load_package
 
+    _register_ops()
     runner = aoti_load_package(os.fspath(path))
-    return LoadedProgram(runner=runner, metadata=dict(runner.get_metadata()))
+    metadata = dict(runner.get_metadata())
+    _register_layer_forms(metadata)
+    return LoadedProgram(runner=runner, metadata=metadata)

@@ -138,7 +138,23 @@ def tensor_product_form(
     return TrilinearForm(operands, tuple(sorted(entries, key=lambda entry: (entry[2], entry[0], entry[1]))))
 
 
-_FORMS: dict[str, TrilinearForm] = {}
+class _Registry(dict):
+    """Forms by key, as the custom ops take them: a key this process has not registered is an error that says
+    where registrations come from."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def __missing__(self, key: str):
+        raise LookupError(
+            f"no {self.what} with key {key!r} in this process: a model registers its forms when it first runs "
+            "(Allegro(config, backend='triton')), and export.load_exported / load_package register those of the "
+            "program's model; a program exported by other versions of allegro-fast or e3nn may name forms that "
+            "these versions do not make (export it again)")
+
+
+_FORMS: dict[str, TrilinearForm] = _Registry("trilinear form")
 
 
 def register_form(form: TrilinearForm) -> str:
@@ -213,7 +229,7 @@ def fused_layer_form(description: LayerTensorProduct, input_irreps: Sequence[tup
     return FusedLayerForm(environment_form(description.l_max), product, (start, stop), tuple(groups), first_features)
 
 
-_LAYERS: dict[str, FusedLayerForm] = {}
+_LAYERS: dict[str, FusedLayerForm] = _Registry("fused layer form")
 
 
 def register_layer(layer: FusedLayerForm) -> str:

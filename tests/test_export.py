@@ -250,6 +250,61 @@ def test_aoti_package_round_trip(tmp_path):
         assert_matches_model(loaded(graph), model, graph, f"AOTInductor package, {graph.num_nodes} atoms")
 
 
+# Loads an exported program and an AOTInductor package of the triton backend in a process that has not imported
+# the kernels, and prints their energies and forces for ethanol(3).
+LOAD_IN_A_FRESH_PROCESS = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, sys.argv[3])
+from conftest import ethanol
+import allegro_fast as af
+from allegro_fast.export import load_exported, load_package
+assert "allegro_fast.kernels.segments" not in sys.modules
+result = {}
+for name, load in (("exported", load_exported), ("package", load_package)):
+    program = load(sys.argv[1 if name == "exported" else 2])
+    out = program(af.AtomicGraph.from_ase(ethanol(3), r_max=program.r_max))
+    result[name] = {key: out[key].tolist() for key in ("energy", "forces")}
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="AOTInductor needs a C++ compiler")
+def test_a_fresh_process_loads_the_triton_backends_programs(tmp_path):
+    """Their ops are found by name, and the layer ops take the key of a layer form that the model registers when
+    it runs: torch failed to load both ("could not find schema for allegro_fast::segment_expand") until the
+    loaders registered our ops, and then the programs failed on the unknown key until they registered the forms
+    of the model in the metadata."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from allegro_fast.kernels._common import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("the triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    model = af.Allegro(small_config(num_layers=1, l_max=1), backend="triton").double()
+    example = af.AtomicGraph.from_ase(periodic_cho(2), r_max=model.config.r_max)
+    exported = export_model(model, example, tmp_path / "exported.pt2")
+    package = package_model(model, example, tmp_path / "package.pt2")
+    tests = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, exported, package, tests], cwd=tmp_path,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    graph = af.AtomicGraph.from_ase(ethanol(3), r_max=model.config.r_max)
+    expected = model(graph)
+    for name in ("exported", "package"):
+        for key in ("energy", "forces"):
+            error = af.testing.relative_error(torch.tensor(loaded[name][key], dtype=torch.float64),
+                                              expected[key].detach().double())
+            assert error < TOLERANCE[torch.float64], (name, key, error)
+
+
 def test_training_force_field_gradients_match_eager():
     """TrainingForceField: one traced program for graphs of several sizes, whose energy, forces and stress
     have the eager model's parameter gradients (float64; aot_eager, the graph inductor would compile)."""

@@ -849,6 +849,16 @@ def test_only_the_first_layer_takes_harmonics_for_its_features():
         kernels.layer_call(key, *inputs, center_ptr, feature_harmonics=inputs[1])
 
 
+def test_an_unknown_form_key_says_where_forms_come_from():
+    """What a process that never built the model (or runs a program of other versions) is told."""
+    from allegro_fast.kernels import tensor_product as kernels
+
+    with pytest.raises(LookupError, match="no fused layer form with key '0+' in this process.*load_exported"):
+        kernels.layer_call("0" * 20, *[torch.zeros(1)] * 5)
+    with pytest.raises(LookupError, match="no trilinear form"):
+        kernels.trilinear_ref(kernels._FORMS["1" * 20], 0, torch.zeros(1), torch.zeros(1), torch.zeros(1), 1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_model_through_force_field_and_export(device, tmp_path):
