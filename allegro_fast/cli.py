@@ -3,6 +3,7 @@
     allegro-fast train CONFIG [--workdir DIR] [--restart]      train from a YAML run configuration
     allegro-fast evaluate MODEL DATA [--energy-unit kcal/mol]   MAE / RMSE of E, F, stress, per species
     allegro-fast md MODEL STRUCTURE [--ensemble nve --steps N]  molecular dynamics with ASE's integrators
+        [--device cuda --backend triton --cuda-graphs]         ... on a GPU, on the Triton kernels, as CUDA graphs
     allegro-fast demo [--minutes 2]                             generate data, train, evaluate, run MD
     allegro-fast lammps MODEL OUT [--dtype float64]             the model file for LAMMPS (pair_style mliap unified)
     allegro-fast bench [--quick] [--device cuda] ...            end-to-end benchmarks (see bench/README.md)
@@ -21,6 +22,9 @@ from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
+# --backend: the model's (torch and triton: the same function and weights) or the e3nn reference
+BACKENDS = ("torch", "triton", "reference")
+
 
 def _train(args) -> int:
     from .run_config import load_run_config
@@ -37,12 +41,33 @@ def _train(args) -> int:
     return 0
 
 
+def _load_for(args):
+    """The model of `args.model` with `args.backend` (None: the saved one), checked against `args.device` (None:
+    the CPU) before anything runs: a CUDA device must exist, and the triton backend needs one (or, on the CPU,
+    Triton's interpreter)."""
+    import torch
+
+    from .serialization import load
+
+    device = torch.device(args.device) if args.device else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda or 'none'})")
+    model = load(args.model, backend=args.backend)
+    if getattr(model, "backend", None) == "triton" and device.type == "cpu":
+        from .kernels._common import interpreter_enabled
+
+        if not interpreter_enabled():
+            raise ValueError("--backend triton runs on CUDA devices (add --device cuda); on the CPU only under "
+                             "Triton's interpreter (TRITON_INTERPRET=1, about 100x slower, for tests)")
+    return model
+
+
 def _evaluate(args) -> int:
     from .data import read_frames
     from .evaluation import evaluate, format_metrics
-    from .serialization import load
 
-    model = load(args.model)
+    model = _load_for(args)
     frames = read_frames(args.data, format=args.format, energy_unit=args.energy_unit, length_unit=args.length_unit,
                          energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
                          index=args.index)
@@ -62,12 +87,11 @@ def _md(args) -> int:
     import ase.io
 
     from .md import run_md
-    from .serialization import load
 
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    model = load(args.model)
+    model = _load_for(args)
     try:
         atoms = ase.io.read(args.structure, index=args.index)
     except Exception as error:  # noqa: BLE001  (ASE raises many kinds for a malformed file)
@@ -75,7 +99,7 @@ def _md(args) -> int:
     result = run_md(model, atoms, ensemble=args.ensemble, temperature_K=args.temperature, timestep_fs=args.timestep,
                     steps=args.steps, friction_per_fs=args.friction, thermostat_time_fs=args.thermostat_time,
                     trajectory=args.trajectory, log_interval=args.log_interval, seed=args.seed,
-                    progress=not args.quiet, compile=args.compile)
+                    progress=not args.quiet, compile=args.compile, device=args.device, cuda_graphs=args.cuda_graphs)
     print(result.summary())
     return 0
 
@@ -112,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stress-key", default="stress")
     evaluate.add_argument("--index", default=":", help="frames to use, an ASE index such as ':100' (default all)")
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: where the model is loaded)")
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    evaluate.add_argument("--backend", choices=BACKENDS, help="run the model on this backend (default: the saved one)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--quiet", action="store_true")
@@ -132,8 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--log-interval", type=int, default=10, help="steps between recorded frames")
     md.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (and Langevin noise)")
     md.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    md.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    md.add_argument("--backend", choices=BACKENDS, help="run the model on this backend (default: the saved one)")
     md.add_argument("--compile", action="store_true",
                     help="run the model with torch.compile (about a minute to compile, then faster steps)")
+    md.add_argument("--cuda-graphs", action="store_true",
+                    help="CUDA only: compile for static shapes and replay one CUDA graph per step (the fastest on a "
+                         "GPU; the first step compiles)")
     md.add_argument("--quiet", action="store_true")
     md.set_defaults(run=_md)
 

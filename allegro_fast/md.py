@@ -92,6 +92,7 @@ class MDResult:
     final_atoms: object  # ase.Atoms, with the calculator attached
     neighbor_list_builds: int
     trajectory: str | None
+    model: str = ""  # what ran: the model class, backend, dtype, how it ran and on which device
 
     def summary(self) -> str:
         drift_name = {
@@ -108,6 +109,8 @@ class MDResult:
              f"slope {self.energy_drift_slope_meV_per_atom_per_ps:+.3f} meV/atom/ps"),
             f"  neighbour list built {self.neighbor_list_builds} times in {self.steps + 1} force evaluations",
         ]
+        if self.model:
+            lines.insert(1, f"  model: {self.model}")
         if self.trajectory:
             lines.append(f"  trajectory: {self.trajectory} ({len(self.records)} frames)")
         return "\n".join(lines)
@@ -297,4 +300,13 @@ def run_md(
         target_temperature_K=float(temperature_K), records=records, final_atoms=atoms,
         neighbor_list_builds=calculator.neighbor_list_builds,
         trajectory=str(trajectory) if trajectory is not None else None,
+        model=_describe(calculator.model, calculator.device, compile, cuda_graphs),
     )
+
+
+def _describe(model, device, compile: bool | str, cuda_graphs: bool) -> str:
+    """E.g. "Allegro, triton backend, float32, CUDA graphs, on cuda:0"."""
+    backend = getattr(model, "backend", None)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    how = "CUDA graphs" if cuda_graphs else "torch.compile" if compile else "eager"
+    return ", ".join([type(model).__name__, *([f"{backend} backend"] if backend else []), dtype, how, f"on {device}"])

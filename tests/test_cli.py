@@ -8,6 +8,7 @@ import subprocess
 
 import ase.io
 import pytest
+import torch
 import yaml
 from ase.build import molecule
 
@@ -54,7 +55,24 @@ def test_md(trained, capsys):
     assert len(ase.io.read(trained / "md.traj", index=":")) == 3
 
 
-def test_bad_input_is_one_line_naming_the_problem(trained, capsys, tmp_path):
+def test_md_runs_the_backend_and_device_it_is_told(trained, capsys, tmp_path):
+    """--backend triton (the kernels; on the CPU under the interpreter) follows the torch backend's trajectory, and
+    the summary says what ran."""
+    from allegro_fast.kernels._common import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("the triton backend on the CPU needs TRITON_INTERPRET=1")
+    finals = {}
+    for backend in ("torch", "triton"):
+        assert main(["md", str(trained / "run" / "model.pt"), str(trained / "silver.extxyz"), "--steps", "3",
+                     "--temperature", "500", "--trajectory", str(tmp_path / f"{backend}.traj"), "--quiet",
+                     "--backend", backend, "--device", "cpu"]) == 0
+        assert f"model: Allegro, {backend} backend, float32, eager, on cpu" in capsys.readouterr().out
+        finals[backend] = ase.io.read(tmp_path / f"{backend}.traj", index=-1).positions
+    assert abs(finals["triton"] - finals["torch"]).max() < 1e-5
+
+
+def test_bad_input_is_one_line_naming_the_problem(trained, capsys, tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  train_file: x.xyz\ntraining:\n  learnig_rate: 0.1\n")
     assert main(["train", str(bad)]) == 2
@@ -77,6 +95,17 @@ def test_bad_input_is_one_line_naming_the_problem(trained, capsys, tmp_path):
 
     assert main(["md", str(tmp_path / "missing.pt"), str(tmp_path / "water.extxyz")]) == 2
     assert "no model file" in capsys.readouterr().err
+
+    model, silver = str(trained / "run" / "model.pt"), str(trained / "silver.extxyz")
+    assert main(["md", model, silver, "--cuda-graphs"]) == 2
+    assert "cuda_graphs needs a CUDA device, the model is on cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["md", model, silver, "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device here" in capsys.readouterr().err
+    monkeypatch.setattr("allegro_fast.kernels._common.interpreter_enabled", lambda: False)
+    for command in (["md", model, silver], ["evaluate", model, silver]):
+        assert main([*command, "--backend", "triton"]) == 2
+        assert "--backend triton runs on CUDA devices (add --device cuda)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
