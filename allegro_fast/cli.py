@@ -58,8 +58,9 @@ def _load_for(args):
         from .kernels._common import interpreter_enabled
 
         if not interpreter_enabled():
-            raise ValueError("--backend triton runs on CUDA devices (add --device cuda); on the CPU only under "
-                             "Triton's interpreter (TRITON_INTERPRET=1, about 100x slower, for tests)")
+            raise ValueError("the triton backend runs on CUDA devices (add --device cuda), or on the CPU only under "
+                             "Triton's interpreter (TRITON_INTERPRET=1, ~100x slower, for tests): on the CPU use "
+                             "--backend torch, the same function with the same weights")
     return model
 
 

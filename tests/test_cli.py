@@ -105,7 +105,7 @@ def test_bad_input_is_one_line_naming_the_problem(trained, capsys, tmp_path, mon
     monkeypatch.setattr("allegro_fast.kernels._common.interpreter_enabled", lambda: False)
     for command in (["md", model, silver], ["evaluate", model, silver]):
         assert main([*command, "--backend", "triton"]) == 2
-        assert "--backend triton runs on CUDA devices (add --device cuda)" in capsys.readouterr().err
+        assert "triton backend runs on CUDA devices (add --device cuda)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
