@@ -201,3 +201,37 @@ def test_cuda_graph_calculator_matches_eager_along_md():
         np.testing.assert_allclose(atoms.get_potential_energy(), copy.get_potential_energy(), rtol=1e-12, atol=0)
         np.testing.assert_allclose(atoms.get_forces(), copy.get_forces(), rtol=1e-10, atol=1e-11)
     assert len(edge_counts) >= 2 and atoms.calc._compiled.padding.resizes == 1
+
+
+def test_state_check_gives_ases_answer_and_computes_once_per_md_step(model, monkeypatch):
+    """`check_state`'s shortcut (exact equality: nothing changed) agrees with ASE's compare_atoms on every kind of
+    change, and an MD run evaluates the model once per step."""
+    from ase.calculators.calculator import compare_atoms
+
+    atoms = periodic_cho(2)
+    calculator = AllegroCalculator(model)
+    atoms.calc = calculator
+    atoms.get_forces()
+    changes = {
+        "nothing": lambda a: None,
+        "momenta only (not checked by ASE)": lambda a: a.set_momenta(np.ones((len(a), 3))),
+        "a position": lambda a: a.positions.__setitem__((0, 0), a.positions[0, 0] + 1e-3),
+        "a position, below ASE's tolerance": lambda a: a.positions.__setitem__((0, 0), a.positions[0, 0] * (1 + 1e-17)
+                                                                               + 1e-16),
+        "the cell": lambda a: a.set_cell(a.cell.array * 1.01, scale_atoms=False),
+        "pbc": lambda a: a.set_pbc([True, True, False]),
+        "an atomic number": lambda a: a.numbers.__setitem__(0, 1 if a.numbers[0] != 1 else 6),
+        "initial charges added": lambda a: a.set_initial_charges(np.zeros(len(a))),
+    }
+    for label, change in changes.items():
+        other = atoms.copy()
+        change(other)
+        assert calculator.check_state(other) == compare_atoms(calculator.atoms, other), label
+
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *args, **kwargs: calls.append(1) or
+                        forward(self, *args, **kwargs))
+    atoms.set_velocities(np.random.default_rng(0).normal(scale=0.01, size=(len(atoms), 3)))
+    VelocityVerlet(atoms, 0.25 * units.fs).run(6)
+    assert len(calls) == 6
