@@ -72,6 +72,21 @@ def test_md_runs_the_backend_and_device_it_is_told(trained, capsys, tmp_path):
     assert abs(finals["triton"] - finals["torch"]).max() < 1e-5
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_md_on_a_gpu_on_the_kernels_as_cuda_graphs(trained, capsys, tmp_path):
+    """What the README tells a GPU user to run: the kernels precompile, then CUDA graphs replay the steps, along the
+    torch backend's trajectory."""
+    finals = {}
+    for options in (["--backend", "torch"], ["--backend", "triton", "--cuda-graphs"]):
+        path = tmp_path / f"{options[1]}.traj"
+        assert main(["md", str(trained / "run" / "model.pt"), str(trained / "silver.extxyz"), "--steps", "3",
+                     "--temperature", "500", "--trajectory", str(path), "--quiet", "--device", "cuda", *options]) == 0
+        finals[options[1]] = ase.io.read(path, index=-1).positions
+    assert "model: Allegro, triton backend, float32, CUDA graphs, on cuda" in capsys.readouterr().out
+    assert abs(finals["triton"] - finals["torch"]).max() < 1e-5
+
+
 def test_bad_input_is_one_line_naming_the_problem(trained, capsys, tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  train_file: x.xyz\ntraining:\n  learnig_rate: 0.1\n")
