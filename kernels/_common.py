@@ -26,7 +26,9 @@ def ensure_triton_device(*tensors: torch.Tensor) -> None:
         raise RuntimeError(
             f"the Triton kernels got a tensor on '{tensor.device}': they run on CUDA devices, or on the CPU "
             "only under the Triton interpreter (export TRITON_INTERPRET=1 before Python starts; about 100x "
-            "slower than the torch backend, for tests). On a CPU use Allegro(cfg, backend='torch')."
+            "slower than the torch backend, for tests). On a CPU use Allegro(cfg, backend='torch'), or for a saved "
+            "model af.load(path, backend='torch') (--backend torch on the command line): the same function and "
+            "weights."
         )
 
 
