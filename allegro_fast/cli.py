@@ -93,10 +93,20 @@ def _md(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     model = _load_for(args)
-    try:
-        atoms = ase.io.read(args.structure, index=args.index)
-    except Exception as error:  # noqa: BLE001  (ASE raises many kinds for a malformed file)
-        raise ValueError(f"{args.structure}: cannot read a structure ({type(error).__name__}: {error})") from None
+    if Path(args.structure).suffix == ".npz":  # a frame of an rMD17-style dataset (positions in Å)
+        from .data import read_frames
+
+        atoms = read_frames(args.structure, index=args.index)
+    else:
+        try:
+            atoms = ase.io.read(args.structure, index=args.index)
+        except Exception as error:  # noqa: BLE001  (ASE raises many kinds for a malformed file)
+            raise ValueError(f"{args.structure}: cannot read a structure ({type(error).__name__}: {error})") from None
+    if isinstance(atoms, list):
+        if len(atoms) != 1:
+            raise ValueError(f"{args.structure}: --index {args.index} selects {len(atoms)} frames; MD starts from one")
+        atoms = atoms[0]
+    atoms.calc = None
     result = run_md(model, atoms, ensemble=args.ensemble, temperature_K=args.temperature, timestep_fs=args.timestep,
                     steps=args.steps, friction_per_fs=args.friction, thermostat_time_fs=args.thermostat_time,
                     trajectory=args.trajectory, log_interval=args.log_interval, seed=args.seed,
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     md = commands.add_parser("md", help="molecular dynamics of a structure with a model (ASE integrators)")
     md.add_argument("model", help="a model file written by train (model.pt)")
-    md.add_argument("structure", help="the starting structure, any ASE-readable file")
+    md.add_argument("structure", help="the starting structure: any ASE-readable file, or an rMD17-style .npz")
     md.add_argument("--index", default="-1", help="which frame of STRUCTURE (ASE index, default the last)")
     md.add_argument("--ensemble", default="nve", choices=["nve", "langevin", "nose-hoover"])
     md.add_argument("--temperature", type=float, default=300.0, help="K: initial velocities and thermostat target")

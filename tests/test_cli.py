@@ -6,7 +6,9 @@ import json
 import shutil
 import subprocess
 
+import ase
 import ase.io
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -72,6 +74,22 @@ def test_md_runs_the_backend_and_device_it_is_told(trained, capsys, tmp_path):
     assert abs(finals["triton"] - finals["torch"]).max() < 1e-5
 
 
+def test_md_starts_from_a_frame_of_an_rmd17_style_npz(trained, tmp_path):
+    """The same run as from that frame written as a cluster (rMD17 frames have no cell) in an extxyz file."""
+    frames = ase.io.read(trained / "silver.extxyz", index=":2")
+    np.savez(tmp_path / "silver.npz", nuclear_charges=frames[0].numbers, coords=np.stack([f.positions for f in frames]),
+             energies=np.zeros(2), forces=np.zeros((2, len(frames[0]), 3)))
+    cluster = ase.Atoms(frames[1].numbers, positions=frames[1].positions)
+    ase.io.write(tmp_path / "cluster.extxyz", [cluster, cluster], format="extxyz")
+    finals = []
+    for structure in (tmp_path / "silver.npz", tmp_path / "cluster.extxyz"):
+        trajectory = tmp_path / f"{structure.suffix[1:]}.traj"
+        assert main(["md", str(trained / "run" / "model.pt"), str(structure), "--index", "1", "--steps", "2",
+                     "--trajectory", str(trajectory), "--quiet"]) == 0
+        finals.append(ase.io.read(trajectory, index=-1).positions)
+    np.testing.assert_array_equal(*finals)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_md_on_a_gpu_on_the_kernels_as_cuda_graphs(trained, capsys, tmp_path):
@@ -112,6 +130,8 @@ def test_bad_input_is_one_line_naming_the_problem(trained, capsys, tmp_path, mon
     assert "no model file" in capsys.readouterr().err
 
     model, silver = str(trained / "run" / "model.pt"), str(trained / "silver.extxyz")
+    assert main(["md", model, silver, "--index", "0:2"]) == 2
+    assert "silver.extxyz: --index 0:2 selects 2 frames; MD starts from one" in capsys.readouterr().err
     assert main(["md", model, silver, "--cuda-graphs"]) == 2
     assert "cuda_graphs needs a CUDA device, the model is on cpu" in capsys.readouterr().err
     if not torch.cuda.is_available():
