@@ -110,9 +110,10 @@ class AllegroCalculator(Calculator):
     later calls of any size reuse the program; on 2 CPU cores it was 1.2x faster than eager on 256-atom Ag
     and 2.4x on a 31-atom cell (README, "torch.compile, torch.export and AOTInductor").
     ``cuda_graphs`` (default False; CUDA only): compile for static shapes with the edges padded to a capacity
-    (`export.CUDA_GRAPHS`: `compile_model(mode="reduce-overhead", dynamic=False, edge_headroom="auto")`) and replay one CUDA graph per step
-    instead of launching every kernel from Python, which bounds small systems on a GPU (bench/README, GPU). The
-    first step compiles and captures; a step with more edges than the capacity raises it (one more compilation).
+    (`export.CUDA_GRAPHS`: `compile_model(mode="reduce-overhead", dynamic=False, edge_headroom="auto")`) and replay
+    one CUDA graph per step instead of launching every kernel from Python, which bounds small systems on a GPU
+    (bench/README, GPU). The first step compiles and captures; a step with more edges than the capacity raises it
+    (one more compilation).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
