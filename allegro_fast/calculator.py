@@ -156,6 +156,15 @@ class AllegroCalculator(Calculator):
 
             self._compiled = compile_model(self.model, backend="inductor" if compile is True else str(compile))
 
+    @classmethod
+    def from_file(cls, path, backend: str | None = None, **kwargs) -> AllegroCalculator:
+        """The calculator of a model file written by training or `allegro_fast.save` (`allegro_fast.load`; backend
+        "torch", "triton" or "reference" overrides the saved one); kwargs as for the constructor, e.g.
+        ``AllegroCalculator.from_file("model.pt", backend="triton", device="cuda", cuda_graphs=True)``."""
+        from .serialization import load
+
+        return cls(load(path, backend=backend), **kwargs)
+
     def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
         """ASE's answer (`compare_atoms`), found faster where nothing changed: ASE asks two to three times per MD
         step with the same atoms, and exact equality of the cell, pbc and every array implies its answer, [] (its

@@ -235,3 +235,15 @@ def test_state_check_gives_ases_answer_and_computes_once_per_md_step(model, monk
     atoms.set_velocities(np.random.default_rng(0).normal(scale=0.01, size=(len(atoms), 3)))
     VelocityVerlet(atoms, 0.25 * units.fs).run(6)
     assert len(calls) == 6
+
+
+def test_from_file_loads_the_model_with_the_backend_asked_for(model, tmp_path):
+    af.save(model, tmp_path / "model.pt")
+    atoms = periodic_cho(2)
+    atoms.calc = AllegroCalculator(model)
+    for backend, kind in ((None, af.Allegro), ("reference", af.reference.ReferenceAllegro)):
+        calculator = AllegroCalculator.from_file(tmp_path / "model.pt", backend=backend, skin=0.0)
+        assert type(calculator.model) is kind and calculator.skin == 0.0
+        copy = atoms.copy()
+        copy.calc = calculator
+        np.testing.assert_allclose(copy.get_forces(), atoms.get_forces(), rtol=1e-10, atol=1e-12)
