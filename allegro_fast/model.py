@@ -318,15 +318,15 @@ class Allegro(AllegroPotential):
             return super().edge_vectors(graph, positions, cell)
         from .kernels.segments import gather_rows, segment_expand, sorted_order
 
-        neighbours = graph.edge_index[1]
+        centers, neighbours = graph.edge_index
         num_atoms, num_edges = positions.shape[0], neighbours.shape[0]
-        _, inverse, neighbour_ptr = sorted_order(neighbours, num_atoms)
-        differences = (gather_rows(positions, inverse, neighbour_ptr)
-                       - segment_expand(positions, graph.center_ptr, num_edges))
+        _, inverse, neighbour_ptr, sorted_neighbours = sorted_order(neighbours, num_atoms)
+        differences = (gather_rows(positions, inverse, neighbour_ptr, sorted_neighbours)
+                       - segment_expand(positions, graph.center_ptr, centers))
         shifts = graph.edge_shift.to(positions.dtype)
         if cell.shape[0] == 1:
             return differences + shifts @ cell[0]
-        edge_cell = segment_expand(self.per_atom(cell, graph).reshape(num_atoms, 9), graph.center_ptr, num_edges)
+        edge_cell = segment_expand(self.per_atom(cell, graph).reshape(num_atoms, 9), graph.center_ptr, centers)
         return differences + torch.bmm(shifts.unsqueeze(1), edge_cell.view(num_edges, 3, 3)).squeeze(1)
 
     def sum_to_centers(self, per_edge: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
@@ -334,14 +334,14 @@ class Allegro(AllegroPotential):
             return super().sum_to_centers(per_edge, graph)
         from .kernels.segments import segment_sum
 
-        return segment_sum(per_edge.unsqueeze(1), graph.center_ptr).squeeze(1)
+        return segment_sum(per_edge.unsqueeze(1), graph.center_ptr, graph.edge_index[0]).squeeze(1)
 
     def sum_to_structures(self, per_atom: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend != "triton":
             return super().sum_to_structures(per_atom, graph)
         from .kernels.segments import segment_sum
 
-        return segment_sum(per_atom.unsqueeze(1), _atom_ptr(graph)).squeeze(1)
+        return segment_sum(per_atom.unsqueeze(1), _atom_ptr(graph), graph.batch).squeeze(1)
 
     def per_atom(self, per_structure: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend != "triton":
@@ -349,7 +349,7 @@ class Allegro(AllegroPotential):
         from .kernels.segments import segment_expand
 
         flat = per_structure.reshape(per_structure.shape[0], -1)
-        return segment_expand(flat, _atom_ptr(graph), graph.batch.shape[0]).view(-1, *per_structure.shape[1:])
+        return segment_expand(flat, _atom_ptr(graph), graph.batch).view(-1, *per_structure.shape[1:])
 
     def per_edge_pair(self, table: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend != "triton":
@@ -357,8 +357,8 @@ class Allegro(AllegroPotential):
         from .kernels.segments import gather_rows, sorted_order
 
         flat = self.pair_table(table)
-        _, inverse, ptr = sorted_order(self.edge_pair_types(species, graph), flat.shape[0])
-        return gather_rows(flat.reshape(flat.shape[0], -1), inverse, ptr).view(-1, *flat.shape[1:])
+        _, inverse, ptr, sorted_types = sorted_order(self.edge_pair_types(species, graph), flat.shape[0])
+        return gather_rows(flat.reshape(flat.shape[0], -1), inverse, ptr, sorted_types).view(-1, *flat.shape[1:])
 
     def edge_energies(self, edge_vectors: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         if self.backend == "triton":

@@ -1,7 +1,12 @@
 """Sums over contiguous segments of rows without atomics: the triton backend's scatters to atoms and structures.
 
-    segment_sum(values (M, C), ptr (S + 1,))          -> (S, C)   out[s] = sum of values[ptr[s]:ptr[s + 1]]
-    segment_expand(values (S, C), ptr (S + 1,), M)    -> (M, C)   out[r] = values[s] for ptr[s] <= r < ptr[s + 1]
+    segment_sum(values (M, C), ptr (S + 1,), segment_of (M,))      -> (S, C)  out[s] = sum of values[ptr[s]:ptr[s + 1]]
+    segment_expand(values (S, C), ptr (S + 1,), segment_of (M,))   -> (M, C)  out[r] = values[segment_of[r]]
+
+segment_of is the segment of every row (ptr[s] <= r < ptr[s + 1] for s = segment_of[r]): the graph has it already
+(the edges' centers, the atoms' structures), and with it the expansion is one gather, where building it from ptr
+took four more launches (the lengths, an arange, repeat_interleave's cumsum and fill). segment_sum only keeps it
+for its backward.
 
 The two are each other's adjoint, so each one's backward is the other and every order of derivative stays in
 this pair. Edges are sorted by center and atoms by structure (`AtomicGraph`), so the sums of per-edge values to
@@ -54,8 +59,9 @@ def _kernel():
 
 
 @torch.library.custom_op("allegro_fast::segment_sum", mutates_args=())
-def segment_sum(values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
-    """(M, C) values, (S + 1,) int64 segment pointers (ptr[0] = 0, ptr[S] = M, non-decreasing) -> (S, C) sums."""
+def segment_sum(values: torch.Tensor, ptr: torch.Tensor, segment_of: torch.Tensor) -> torch.Tensor:
+    """(M, C) values, (S + 1,) int64 segment pointers (ptr[0] = 0, ptr[S] = M, non-decreasing), (M,) the segment of
+    every row (for the backward) -> (S, C) sums."""
     import triton
 
     values, ptr = values.contiguous(), ptr.contiguous()
@@ -71,61 +77,53 @@ def segment_sum(values: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
 
 
 @segment_sum.register_fake
-def _(values, ptr):
+def _(values, ptr, segment_of):
     return values.new_empty((ptr.shape[0] - 1, values.shape[1]))
 
 
 @torch.library.custom_op("allegro_fast::segment_expand", mutates_args=())
-def segment_expand(values: torch.Tensor, ptr: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """(S, C) values, (S + 1,) segment pointers -> (num_rows, C): each row gets its segment's values."""
-    lengths = ptr[1:] - ptr[:-1]
-    segments = torch.repeat_interleave(torch.arange(values.shape[0], device=values.device), lengths,
-                                       output_size=num_rows)
-    return values.index_select(0, segments)
+def segment_expand(values: torch.Tensor, ptr: torch.Tensor, segment_of: torch.Tensor) -> torch.Tensor:
+    """(S, C) values, (S + 1,) segment pointers, (M,) the segment of every row -> (M, C): each row gets its
+    segment's values (ptr is for the backward)."""
+    return values.index_select(0, segment_of)
 
 
 @segment_expand.register_fake
-def _(values, ptr, num_rows):
-    return values.new_empty((num_rows, values.shape[1]))
+def _(values, ptr, segment_of):
+    return values.new_empty((segment_of.shape[0], values.shape[1]))
 
 
-def _sum_setup(ctx, inputs, output) -> None:
-    values, ptr = inputs
-    ctx.num_rows = values.shape[0]
-    ctx.save_for_backward(ptr)
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[1:])
 
 
 def _sum_backward(ctx, grad):
-    (ptr,) = ctx.saved_tensors
-    return segment_expand(grad, ptr, ctx.num_rows), None
-
-
-def _expand_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1])
+    return segment_expand(grad, *ctx.saved_tensors), None, None
 
 
 def _expand_backward(ctx, grad):
-    (ptr,) = ctx.saved_tensors
-    return segment_sum(grad, ptr), None, None
+    return segment_sum(grad, *ctx.saved_tensors), None, None
 
 
-segment_sum.register_autograd(_sum_backward, setup_context=_sum_setup)
-segment_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
+segment_sum.register_autograd(_sum_backward, setup_context=_setup)
+segment_expand.register_autograd(_expand_backward, setup_context=_setup)
 
 
-def sorted_order(index: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For an unsorted (M,) index into num_segments: (order, inverse, ptr) with index[order] sorted (stably),
-    inverse the permutation that undoes order, and ptr the segment pointers of the sorted index."""
+def sorted_order(index: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, ...]:
+    """For an unsorted (M,) index into num_segments: (order, inverse, ptr, sorted_index) with sorted_index =
+    index[order] sorted (stably), inverse the permutation that undoes order, and ptr the segment pointers of the
+    sorted index."""
     order = torch.argsort(index, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.shape[0], device=order.device)
     boundaries = torch.arange(num_segments + 1, device=index.device, dtype=index.dtype)
-    ptr = torch.searchsorted(index.index_select(0, order), boundaries)
-    return order, inverse, ptr
+    sorted_index = index.index_select(0, order)
+    return order, inverse, torch.searchsorted(sorted_index, boundaries), sorted_index
 
 
-def gather_rows(values: torch.Tensor, inverse: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
-    """values[index] (M, C) for an unsorted index given by `sorted_order`'s inverse and ptr: the expansion over the
-    sorted rows, then the permutation (whose backward writes each row once), so the backward sums in a fixed
-    order."""
-    return segment_expand(values, ptr, inverse.shape[0]).index_select(0, inverse)
+def gather_rows(values: torch.Tensor, inverse: torch.Tensor, ptr: torch.Tensor,
+                sorted_index: torch.Tensor) -> torch.Tensor:
+    """values[index] (M, C) for an unsorted index given by `sorted_order`'s inverse, ptr and sorted_index: the
+    expansion over the sorted rows, then the permutation (whose backward writes each row once), so the backward
+    sums in a fixed order."""
+    return segment_expand(values, ptr, sorted_index).index_select(0, inverse)

@@ -108,25 +108,25 @@ export.compile_cache_tag = lambda: sys.argv[2]
 if sys.argv[3] == "doubled":
     segments.segment_expand.register_autograd(lambda ctx, grad: tuple(None if g is None else 2 * g
                                                                       for g in segments._expand_backward(ctx, grad)),
-                                              setup_context=segments._expand_setup)
+                                              setup_context=segments._setup)
 
 
-def forces(weight, positions, ptr):
+def forces(weight, positions, ptr, segment_of):
     positions = positions.detach().requires_grad_()
-    energy = (segments.segment_sum(weight * positions ** 3, ptr) ** 2).sum()
+    energy = (segments.segment_sum(weight * positions ** 3, ptr, segment_of) ** 2).sum()
     return torch.autograd.grad(energy, positions, create_graph=True)[0]
 
 
 def gradient(program):
     weight = torch.linspace(0.5, 1.5, 3, dtype=torch.float64).requires_grad_()
     positions = torch.linspace(-1.0, 2.0, 21, dtype=torch.float64).reshape(7, 3)
-    ptr = torch.tensor([0, 2, 2, 7])
-    (program(weight, positions, ptr) ** 2).sum().backward()
+    (program(weight, positions, *SEGMENTS) ** 2).sum().backward()
     return weight.grad.tolist()
 
 
+SEGMENTS = torch.tensor([0, 2, 2, 7]), torch.tensor([0, 0, 2, 2, 2, 2, 2])  # ptr, and the segment of each row
 traced = make_fx(forces, tracing_mode="fake", _allow_non_fake_inputs=True)(
-    torch.ones(3, dtype=torch.float64), torch.zeros(7, 3, dtype=torch.float64), torch.tensor([0, 2, 2, 7]))
+    torch.ones(3, dtype=torch.float64), torch.zeros(7, 3, dtype=torch.float64), *SEGMENTS)
 program = torch.compile(traced, dynamic=False)
 with export._CompileSettings():
     compiled = gradient(program)
@@ -135,8 +135,9 @@ print(json.dumps({"compiled": compiled, "eager": gradient(forces)}))
 
 
 def _step(cache: Path, tag: str, derivative: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", STEP, str(cache), tag, derivative], check=True, capture_output=True,
-                         text=True, env={**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"})
+    out = subprocess.run([sys.executable, "-c", STEP, str(cache), tag, derivative], capture_output=True, text=True,
+                         env={**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -40,14 +40,15 @@ def test_segment_sum_and_expand_match_index_add_and_indexing(device, dtype, colu
     values = torch.randn(index.shape[0], columns, generator=generator, dtype=dtype).to(device)
     expected = torch.zeros(len(LENGTHS), columns, dtype=dtype, device=device).index_add(0, index, values)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(segment_sum(values, ptr), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(segment_sum(values, ptr, index), expected, rtol=tolerance, atol=tolerance)
     per_segment = torch.randn(len(LENGTHS), columns, generator=generator, dtype=dtype).to(device)
-    assert torch.equal(segment_expand(per_segment, ptr, index.shape[0]), per_segment[index])
-    assert torch.equal(segment_sum(values, ptr), segment_sum(values, ptr))  # the same bits every time
+    assert torch.equal(segment_expand(per_segment, ptr, index), per_segment[index])
+    assert torch.equal(segment_sum(values, ptr, index), segment_sum(values, ptr, index))  # the same bits every time
     # long segments (4 x 64 rows or more on average: 1024 rows a step): 1100 rows in an empty, a long, a short one
     rows = torch.randn(1100, columns, generator=generator, dtype=dtype).to(device)
     long_ptr = torch.tensor([0, 0, 1099, 1100], device=device)
-    torch.testing.assert_close(segment_sum(rows, long_ptr), torch.stack(
+    long_index = torch.tensor([1] * 1099 + [2], device=device)
+    torch.testing.assert_close(segment_sum(rows, long_ptr, long_index), torch.stack(
         [rows[:0].sum(0), rows[:1099].sum(0), rows[1099:].sum(0)]), rtol=tolerance, atol=10 * tolerance)
 
 
@@ -60,11 +61,12 @@ def test_segment_ops_gradcheck_and_gradgradcheck(device):
     rows = torch.randn(index.shape[0], 3, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
     per_segment = torch.randn(5, 3, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
     unsorted = torch.tensor([3, 0, 3, 4, 1, 0, 3], device=device)
-    _, inverse, unsorted_ptr = sorted_order(unsorted, 5)
-    assert torch.equal(gather_rows(per_segment, inverse, unsorted_ptr), per_segment[unsorted])
-    for function, inputs in ((lambda x: segment_sum(x, ptr), (rows,)),
-                             (lambda x: segment_expand(x, ptr, index.shape[0]), (per_segment,)),
-                             (lambda x: gather_rows(x, inverse, unsorted_ptr), (per_segment,))):
+    _, inverse, unsorted_ptr, sorted_index = sorted_order(unsorted, 5)
+    assert torch.equal(sorted_index, unsorted.sort(stable=True).values)
+    assert torch.equal(gather_rows(per_segment, inverse, unsorted_ptr, sorted_index), per_segment[unsorted])
+    for function, inputs in ((lambda x: segment_sum(x, ptr, index), (rows,)),
+                             (lambda x: segment_expand(x, ptr, index), (per_segment,)),
+                             (lambda x: gather_rows(x, inverse, unsorted_ptr, sorted_index), (per_segment,))):
         assert torch.autograd.gradcheck(function, inputs)
         assert torch.autograd.gradgradcheck(function, inputs)
 
