@@ -637,7 +637,7 @@ def _register_ops() -> None:
 
 def _register_layer_forms(metadata: dict) -> None:
     """Register the fused layer forms of the program's model with the kernels: the triton backend's layer ops
-    take a form's key, which the model registers when it first runs (`Allegro._triton_forms`)."""
+    take a form's key, which the model registers when it is built (`Allegro._triton_forms`)."""
     from .config import AllegroConfig
     from .model import Allegro
 

@@ -148,7 +148,7 @@ class _Registry(dict):
 
     def __missing__(self, key: str):
         raise LookupError(
-            f"no {self.what} with key {key!r} in this process: a model registers its forms when it first runs "
+            f"no {self.what} with key {key!r} in this process: a model registers its forms when it is built "
             "(Allegro(config, backend='triton')), and export.load_exported / load_package register those of the "
             "program's model; a program exported by other versions of allegro-fast or e3nn may name forms that "
             "these versions do not make (export it again)")
