@@ -566,6 +566,119 @@ def test_edge_geometry_matches_reference_and_gradchecks(device, l_max):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("l_max", [0, 1, 2, 3])
+def test_edge_geometry_double_backward_matches_torch_autograd(device, l_max):
+    """The double-backward kernel's second derivatives against torch autograd twice through the reference formulas,
+    for every envelope power p, with and without the frequencies' cotangent and gradient, edges beyond the cutoff
+    and an odd count; float64 to 1e-12, float32 to 1e-5."""
+    from allegro_fast.kernels.edge_geometry import double_backward_ref, edge_geometry_double_backward
+
+    generator = torch.Generator().manual_seed(10 + l_max)
+
+    def random(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    num_edges, num_basis = 37, 7
+    for p in (1, 2, 3, 6):
+        vectors = 2.0 * random(num_edges, 3)
+        vectors[:3] = torch.tensor([[5.2, 0.1, 0.0], [0.0, -4.6, 0.3], [0.3, 0.2, 0.1]])  # two beyond r_max 4.5
+        frequencies = torch.pi * torch.arange(1, num_basis + 1, dtype=torch.float64) + 0.1
+        cotangents = [random(num_edges, num_basis), random(num_edges), random(num_edges, (l_max + 1) ** 2)]
+        tensors = [vectors, frequencies, *cotangents, random(num_edges, 3)]
+        for frequency_cotangent, frequency_grad in ((None, False), (random(num_basis), True), (None, True)):
+            expected = double_backward_ref(*tensors, frequency_cotangent, 4.5, p, l_max)
+            if not frequency_grad:
+                expected[1] = torch.zeros_like(frequencies)
+            for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+                inputs = [t.to(device, dtype) for t in tensors]
+                cotangent = None if frequency_cotangent is None else frequency_cotangent.to(device, dtype)
+                got = edge_geometry_double_backward(*inputs, cotangent, 4.5, p, l_max, frequency_grad)
+                for name, a, b in zip(("vectors", "frequencies", "bessel", "envelope", "harmonics"), got, expected):
+                    assert a.dtype == dtype and a.shape == b.shape, name
+                    error = relative_error(a.double().cpu(), b) if b.abs().max() > 0 else a.abs().max().item()
+                    assert error < tolerance, (p, frequency_grad, dtype, name, error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_geometry_backward_and_double_backward_gradcheck(device):
+    """gradcheck and gradgradcheck of the backward (its derivative is the double-backward kernel) and of the double
+    backward (third derivatives by torch autograd), with and without the frequencies' gradient."""
+    from allegro_fast.kernels.edge_geometry import edge_geometry_backward, edge_geometry_double_backward
+
+    generator = torch.Generator().manual_seed(3)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).to(device).requires_grad_(True)
+
+    l_max, p = 2, 5
+    vectors, grad_bessel, grad_envelope, grad_harmonics = leaf(5, 3), leaf(5, 3), leaf(5), leaf(5, (l_max + 1) ** 2)
+    frequencies = (torch.pi * torch.arange(1, 4, dtype=torch.float64) + 0.1).to(device).requires_grad_(True)
+    cotangent_vectors, cotangent_frequencies = leaf(5, 3), leaf(3)
+    for frequency_grad in (False, True):
+        def backward(*inputs):
+            return edge_geometry_backward(*inputs, 4.5, p, l_max, frequency_grad)
+
+        inputs = (vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics)
+        assert torch.autograd.gradcheck(backward, inputs, fast_mode=True)
+        assert torch.autograd.gradgradcheck(backward, inputs, fast_mode=True)
+
+        def double_backward(*inputs):
+            cotangent = inputs[6] if frequency_grad else None
+            return edge_geometry_double_backward(*inputs[:6], cotangent, 4.5, p, l_max, frequency_grad)
+
+        inputs = (*inputs, cotangent_vectors) + ((cotangent_frequencies,) if frequency_grad else ())
+        assert torch.autograd.gradcheck(double_backward, inputs, fast_mode=True)
+        assert torch.autograd.gradgradcheck(double_backward, inputs, fast_mode=True)
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the calls of each op (overload packet) under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_force_training_runs_the_geometry_double_backward_kernel(device, monkeypatch):
+    """The loss backward of a force-training step differentiates the geometry's backward on the double-backward
+    kernel (with the trainable Bessel frequencies' gradient), not by torch autograd through the reference formulas,
+    which it replaced; and the parameter gradients are the torch backend's."""
+    from allegro_fast.kernels import edge_geometry as geometry
+
+    torch.manual_seed(0)
+    model = af.Allegro(small_config(bessel_trainable=True), backend="triton").double().to(device).train()
+    randomize_edge_scale(model)
+    graph = af.AtomicGraph.from_ase(periodic_cho(), r_max=3.3).to(device)
+    twin = af.Allegro(small_config(bessel_trainable=True), backend="torch").double().to(device).train()
+    twin.load_state_dict(model.state_dict())
+
+    def loss_of(potential):
+        out = potential(graph)
+        return out["energy"].sum() + out["forces"].square().sum() + out["stress"].square().sum()
+
+    expected = torch.autograd.grad(loss_of(twin), list(twin.parameters()))
+
+    def reference_called(*args, **kwargs):
+        raise AssertionError("the geometry's double backward ran the reference formulas")
+
+    monkeypatch.setattr(geometry, "edge_geometry_ref", reference_called)
+    monkeypatch.setattr(geometry, "double_backward_ref", reference_called)
+    loss = loss_of(model)
+    with OpCalls() as counter:
+        loss.backward()
+    assert counter.calls.get("allegro_fast.edge_geometry_double_backward") == 1, counter.calls
+    for (name, parameter), reference in zip(model.named_parameters(), expected):
+        assert relative_error(parameter.grad, reference) < 1e-10, name
+    assert model.bessel_frequencies.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [3, 40])  # the one-block and the channel-tiled kernels
 def test_kernels_are_bitwise_deterministic(device, channels):
     from allegro_fast.kernels import tensor_product as kernels
@@ -772,10 +885,12 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     variant_rows = [row for row in rows if row["kernel"].endswith("@16x2r96")]
     assert len(variant_rows) == 2 * 8 and all(row["registers"] <= 96 and row["num_warps"] == 2 for row in variant_rows)
     rows = [row for row in rows if row not in variant_rows]
-    # dtypes x (3 segment sums + 3 edge geometry + layers x (forward, backward, 3 slots of 2 forms) + the first
-    # layer's twin and its form of two feature pairs (forward, backward))
-    assert len(rows) == 2 * (3 + 3 + 2 * (2 + 6) + 2 + 2)
-    assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies"}
+    # dtypes x (3 segment sums + 5 edge geometry (forward; backward and double backward, each with and without the
+    # frequencies) + layers x (forward, backward, 3 slots of 2 forms) + the first layer's twin and its form of two
+    # feature pairs (forward, backward))
+    assert len(rows) == 2 * (3 + 5 + 2 * (2 + 6) + 2 + 2)
+    assert {row["kernel"] for row in rows} >= {"edge_geometry.forward", "edge_geometry.backward.frequencies",
+                                               "edge_geometry.double_backward.frequencies"}
     assert all(row["registers"] > 0 for row in rows)
     assert all(row["tf32_dots"] == 0 for row in rows), [row["kernel"] for row in rows if row["tf32_dots"]]
     # the layer kernels compiled with the specialisation their launch gives them (Triton's binder on the launcher's

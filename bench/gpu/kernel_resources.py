@@ -166,15 +166,19 @@ def model_kernels(l_max: int, channels: int, layers: int, parity: bool, slots: b
                {"BLOCK_R": rows, "BLOCK_C": 1 << (columns - 1).bit_length()}, {"num_warps": 4}, None, None)
     config = af.AllegroConfig(type_names=("H",), l_max=l_max, num_tensor_features=channels, num_layers=layers,
                               parity=parity)
-    # the edge geometry (Bessel basis, envelope, harmonics) and its backward, with and without the frequencies'
-    # gradient (trainable Bessel frequencies in training)
+    # the edge geometry (Bessel basis, envelope, harmonics), its backward and double backward, with and without the
+    # frequencies' gradient (trainable Bessel frequencies in training)
     geometry = {"BLOCK_E": edge_geometry._block_size(torch.device("cuda")),
                 "BLOCK_B": triton.next_power_of_2(config.num_bessels)}
     arguments = (l_max, config.polynomial_p, config.r_max)
-    yield "edge_geometry.forward", edge_geometry._kernel(*arguments, False), geometry, {"num_warps": 4}, None, None
+    yield "edge_geometry.forward", edge_geometry._kernel(*arguments), geometry, {"num_warps": 4}, None, None
     for frequency_grad in (False, True):
-        yield (f"edge_geometry.backward{'.frequencies' if frequency_grad else ''}", edge_geometry._kernel(*arguments, True),
+        suffix = ".frequencies" if frequency_grad else ""
+        yield (f"edge_geometry.backward{suffix}", edge_geometry._kernel(*arguments, "backward"),
                {**geometry, "FREQUENCY_GRAD": frequency_grad}, {"num_warps": 4}, None, None)
+        yield (f"edge_geometry.double_backward{suffix}", edge_geometry._kernel(*arguments, "double_backward"),
+               {**geometry, "FREQUENCY_GRAD": frequency_grad, "HAS_FREQUENCY_COTANGENT": frequency_grad},
+               {"num_warps": 4}, None, None)
     if variants:
         from tune_layer import parse_variant  # bench/gpu/tune_layer.py, beside this script
     model = af.Allegro(config, backend="torch")
