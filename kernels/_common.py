@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,12 +17,34 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run our kernels, or None. Triton 3.6's (torch 2.11's) fails under
+    numpy >= 2.4 on every loop whose bounds a kernel loads from memory, as the layers' loops over a center's edges
+    do, with "only 0-dimensional arrays can be converted to Python scalars"; 3.7 and later run them."""
+    import numpy
+    import triton
+
+    def release(version: str) -> tuple[int, int]:
+        major, minor = version.split(".")[:2]
+        return int(major), int("".join(digit for digit in minor if digit.isdigit()) or 0)
+
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter cannot run these kernels with numpy "
+                f"{numpy.__version__}: it fails on loops with bounds loaded from memory under numpy >= 2.4. "
+                "Install numpy<2.4, or Triton >= 3.7")
+    return None
+
+
 def ensure_triton_device(*tensors: torch.Tensor) -> None:
-    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter; say which is missing."""
+    """Triton kernels need CUDA tensors, or CPU tensors under an interpreter that runs them; say which is missing."""
     for tensor in tensors:
         if tensor.device.type == "cuda":
             continue
         if tensor.device.type == "cpu" and interpreter_enabled():
+            problem = interpreter_problem()
+            if problem is not None:
+                raise RuntimeError(problem)
             continue
         raise RuntimeError(
             f"the Triton kernels got a tensor on '{tensor.device}': they run on CUDA devices, or on the CPU "

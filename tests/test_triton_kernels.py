@@ -951,6 +951,30 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
         ensure_triton_device(torch.zeros(3))
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_says_why(monkeypatch):
+    """Triton 3.6's interpreter (torch 2.11's) under numpy >= 2.4 fails inside the layers' edge loops with a numpy
+    TypeError; a launch on the CPU says so first, and how to fix it. Other pairs run."""
+    import numpy
+    import triton
+
+    from allegro_fast.kernels import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, fails in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                 ("3.7.1", "2.4.6", False), ("3.10.0", "3.0.0rc1", False),
+                                                 ("3.5.1", "2.10.0", True)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        _common.interpreter_problem.cache_clear()
+        if fails:
+            with pytest.raises(RuntimeError, match=f"Triton {triton_version} interpreter .* numpy {numpy_version}.*"
+                                                   "numpy<2.4, or Triton >= 3.7"):
+                _common.ensure_triton_device(torch.zeros(3))
+        else:
+            _common.ensure_triton_device(torch.zeros(3))
+    _common.interpreter_problem.cache_clear()
+
+
 def test_only_the_first_layer_takes_harmonics_for_its_features():
     """`feature_harmonics` (the Y that forms V^0, apart from the environment's) is an operand of the first layer's
     kernels only: a layer that reads V refuses it, before anything is launched."""
