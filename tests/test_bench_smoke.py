@@ -252,3 +252,23 @@ def test_silver_cases_build_their_frames():
     _, frames = bench_cli.build_frames("ag2048x2")
     assert [len(atoms) for atoms in frames] == [2048, 2048]
     assert not (frames[0].positions == frames[1].positions).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_op_counts_of_the_triton_backends_training_step():
+    """bench/op_counts.py counts the ops of an eager call (the launches of an eager GPU step) with the kernels not
+    launched: the triton backend's training step runs every derivative of the edge geometry in its kernels (one
+    double backward; no sin, cos, sqrt or norm op of torch autograd through the reference formulas), and its
+    inference call the two layers' forward and backward kernels."""
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "op_counts.py"), "--top", "1000"], env=environment,
+                            capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    inference, training = (json.loads(line) for line in result.stdout.splitlines())
+    assert inference["call"] == "inference" and training["call"] == "training"
+    custom = inference["custom"]
+    assert custom["allegro_fast.fused_layer"] == custom["allegro_fast.fused_layer_backward"] == 2
+    assert training["custom"]["allegro_fast.edge_geometry_double_backward"] == 1
+    assert training["not_views"] == training["ops"] - training["views"] > training["loss_backward"]["not_views"] > 0
+    ops = {name for name, _ in training["top"]}
+    assert not ops & {"sin", "cos", "sqrt", "linalg_vector_norm"}, ops
