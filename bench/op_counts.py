@@ -13,7 +13,12 @@ ops inside them are their own business); views (view, reshape, expand, slicing, 
     python bench/op_counts.py --backend torch --top 20
 
 Prints one JSON line per call: ops, not views, views, the custom ops, and the most frequent ops; with
---by-node, the training step's loss backward by the autograd node that issued each op.
+--by-node, the training step's loss backward by the autograd node that issued each op. With --compiled-graphs, also
+the nodes (call_function, and of those our custom ops) of the two graphs AOTAutograd hands inductor for the
+compiled training step (`export.TrainingForceField`: the traced energy + forces, and the loss backward), which set
+inductor's compile time; the kernels do run here (the interpreter), ~20 s.
+
+    python bench/op_counts.py --calls training --compiled-graphs
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", nargs="+", default=["inference", "training"], choices=("inference", "training"))
     parser.add_argument("--top", type=int, default=12, help="the most frequent ops listed (not views)")
     parser.add_argument("--by-node", action="store_true", help="the training step's loss backward by autograd node")
+    parser.add_argument("--compiled-graphs", action="store_true",
+                        help="the nodes of the compiled training step's forward and backward graphs")
     args = parser.parse_args(argv)
 
     import torch
@@ -120,7 +127,36 @@ def main(argv: list[str] | None = None) -> int:
             result["loss_backward"]["top"] = result["loss_backward"]["top"][:args.top]
         result["top"] = result["top"][:args.top]
         print(json.dumps(result))
+    for context in stand_ins:
+        context.__exit__(None, None, None)
+    if args.compiled_graphs:
+        print(json.dumps({"backend": args.backend, "call": "compiled training graphs",
+                          **compiled_graph_nodes(model, graph)}))
     return 0
+
+
+def compiled_graph_nodes(model, graph) -> dict:
+    """{"forward": [nodes, custom op nodes], "backward": [...]}: the graphs AOTAutograd gives the compiler for
+    `TrainingForceField(model)`'s step and its loss backward (a counting backend that runs them as they are)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from allegro_fast.export import TrainingForceField
+
+    nodes = {}
+
+    def counting(name):
+        def compiler(graph_module, _):
+            calls = [node for node in graph_module.graph.nodes if node.op == "call_function"]
+            nodes[name] = [len(calls), sum("allegro_fast" in str(node.target) for node in calls)]
+            return make_boxed_func(graph_module)
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"))
+    out = TrainingForceField(model.train(), backend=backend)(graph)
+    (out["energy"].square().sum() + out["forces"].square().sum()).backward()
+    return nodes
 
 
 if __name__ == "__main__":
