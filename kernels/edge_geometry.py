@@ -324,24 +324,42 @@ def _block_size(device: torch.device) -> int:
     return 128 if device.type == "cpu" else 64
 
 
+def _launch(kind: str, settings: tuple[float, int, int], vectors: torch.Tensor, num_basis: int, *arguments,
+            **flags) -> None:
+    """Launch the `kind` kernel of (r_max, p, l_max) over the edges of `vectors`, one program per block of edges."""
+    import triton
+
+    num_edges = vectors.shape[0]
+    if num_edges == 0:
+        return
+    r_max, p, l_max = settings
+    block = _block_size(vectors.device)
+    with nvtx_range("allegro_fast.edge_geometry" + ("" if kind == "forward" else "." + kind)):
+        _kernel(l_max, p, r_max, kind)[(triton.cdiv(num_edges, block),)](
+            *arguments, num_edges, num_basis, BLOCK_E=block, BLOCK_B=triton.next_power_of_2(num_basis), **flags)
+
+
+def _per_edge_frequency_gradient(vectors: torch.Tensor, num_basis: int, frequency_grad: bool) -> torch.Tensor:
+    """Where a kernel stores the frequencies' gradient per edge ((E, N_b); a stand-in without frequency_grad)."""
+    return vectors.new_empty((vectors.shape[0], num_basis) if frequency_grad else (1, num_basis))
+
+
+def _summed_over_edges(per_edge: torch.Tensor, frequencies: torch.Tensor, frequency_grad: bool) -> torch.Tensor:
+    """The frequencies' gradient: the per-edge one summed (in torch, a fixed order), or zeros."""
+    return per_edge.sum(0) if frequency_grad and per_edge.shape[0] > 0 else frequencies.new_zeros(frequencies.shape)
+
+
 @torch.library.custom_op("allegro_fast::edge_geometry", mutates_args=())
 def edge_geometry(vectors: torch.Tensor, frequencies: torch.Tensor, r_max: float, p: int,
                   l_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(E, 3) edge vectors -> bessel (E, N_b), envelope (E,), harmonics (E, (l_max+1)^2); see the docstring."""
-    import triton
-
     vectors, frequencies = vectors.contiguous(), frequencies.contiguous()
     ensure_triton_device(vectors, frequencies)
     num_edges, num_basis = vectors.shape[0], frequencies.shape[0]
     bessel = vectors.new_empty((num_edges, num_basis))
     envelope = vectors.new_empty((num_edges,))
     harmonics = vectors.new_empty((num_edges, (l_max + 1) ** 2))
-    if num_edges > 0:
-        block = _block_size(vectors.device)
-        with nvtx_range("allegro_fast.edge_geometry"):
-            _kernel(l_max, p, r_max, "forward")[(triton.cdiv(num_edges, block),)](
-                vectors, frequencies, bessel, envelope, harmonics, num_edges, num_basis,
-                BLOCK_E=block, BLOCK_B=triton.next_power_of_2(num_basis))
+    _launch("forward", (r_max, p, l_max), vectors, num_basis, vectors, frequencies, bessel, envelope, harmonics)
     return bessel, envelope, harmonics
 
 
@@ -357,21 +375,14 @@ def edge_geometry_backward(vectors: torch.Tensor, frequencies: torch.Tensor, gra
                            grad_envelope: torch.Tensor, grad_harmonics: torch.Tensor, r_max: float, p: int,
                            l_max: int, frequency_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients with respect to the edge vectors (E, 3) and the frequencies (N_b,) (zeros unless asked)."""
-    import triton
-
     tensors = [t.contiguous() for t in (vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics)]
     ensure_triton_device(*tensors)
-    num_edges, num_basis = vectors.shape[0], frequencies.shape[0]
-    grad_vectors = vectors.new_empty((num_edges, 3))
-    per_edge = vectors.new_empty((num_edges, num_basis) if frequency_grad else (1, num_basis))
-    if num_edges > 0:
-        block = _block_size(vectors.device)
-        with nvtx_range("allegro_fast.edge_geometry.backward"):
-            _kernel(l_max, p, r_max, "backward")[(triton.cdiv(num_edges, block),)](
-                *tensors, grad_vectors, per_edge, num_edges, num_basis, BLOCK_E=block,
-                BLOCK_B=triton.next_power_of_2(num_basis), FREQUENCY_GRAD=frequency_grad)
-    grad_frequencies = per_edge.sum(0) if frequency_grad and num_edges > 0 else frequencies.new_zeros(num_basis)
-    return grad_vectors, grad_frequencies
+    num_basis = frequencies.shape[0]
+    grad_vectors = vectors.new_empty((vectors.shape[0], 3))
+    per_edge = _per_edge_frequency_gradient(vectors, num_basis, frequency_grad)
+    _launch("backward", (r_max, p, l_max), vectors, num_basis, *tensors, grad_vectors, per_edge,
+            FREQUENCY_GRAD=frequency_grad)
+    return grad_vectors, _summed_over_edges(per_edge, frequencies, frequency_grad)
 
 
 @edge_geometry_backward.register_fake
@@ -437,8 +448,6 @@ def edge_geometry_double_backward(vectors: torch.Tensor, frequencies: torch.Tens
     """The derivatives of `edge_geometry_backward`'s outputs, contracted with their cotangents (vectors' (E, 3),
     frequencies' (N_b,) or None), with respect to its five tensor inputs: (vectors (E, 3), frequencies (N_b,), zeros
     unless frequency_grad, grad_bessel (E, N_b), grad_envelope (E,), grad_harmonics (E, (l_max+1)^2))."""
-    import triton
-
     tensors = [t.contiguous() for t in (vectors, frequencies, grad_bessel, grad_envelope, grad_harmonics,
                                         cotangent_vectors)]
     has_frequency_cotangent = cotangent_frequencies is not None
@@ -446,19 +455,15 @@ def edge_geometry_double_backward(vectors: torch.Tensor, frequencies: torch.Tens
     ensure_triton_device(*tensors, cotangent_frequencies)
     num_edges, num_basis = vectors.shape[0], frequencies.shape[0]
     out_vectors = vectors.new_empty((num_edges, 3))
-    per_edge = vectors.new_empty((num_edges, num_basis) if frequency_grad else (1, num_basis))
+    per_edge = _per_edge_frequency_gradient(vectors, num_basis, frequency_grad)
     out_bessel = vectors.new_empty((num_edges, num_basis))
     out_envelope = vectors.new_empty((num_edges,))
     out_harmonics = vectors.new_empty((num_edges, (l_max + 1) ** 2))
-    if num_edges > 0:
-        block = _block_size(vectors.device)
-        with nvtx_range("allegro_fast.edge_geometry.double_backward"):
-            _kernel(l_max, p, r_max, "double_backward")[(triton.cdiv(num_edges, block),)](
-                *tensors, cotangent_frequencies, out_vectors, per_edge, out_bessel, out_envelope, out_harmonics,
-                num_edges, num_basis, BLOCK_E=block, BLOCK_B=triton.next_power_of_2(num_basis),
-                HAS_FREQUENCY_COTANGENT=has_frequency_cotangent, FREQUENCY_GRAD=frequency_grad)
-    out_frequencies = per_edge.sum(0) if frequency_grad and num_edges > 0 else frequencies.new_zeros(num_basis)
-    return out_vectors, out_frequencies, out_bessel, out_envelope, out_harmonics
+    _launch("double_backward", (r_max, p, l_max), vectors, num_basis, *tensors, cotangent_frequencies, out_vectors,
+            per_edge, out_bessel, out_envelope, out_harmonics, HAS_FREQUENCY_COTANGENT=has_frequency_cotangent,
+            FREQUENCY_GRAD=frequency_grad)
+    return (out_vectors, _summed_over_edges(per_edge, frequencies, frequency_grad), out_bessel, out_envelope,
+            out_harmonics)
 
 
 @edge_geometry_double_backward.register_fake
