@@ -12,7 +12,7 @@
 - `precompile`: compile every kernel a model launches, in parallel processes, before its first call.
 
 Every op is a `torch.library.custom_op` (allegro_fast::edge_geometry, ::edge_geometry_backward,
-::edge_geometry_double_backward, ::fused_layer, ::fused_layer_backward, ::fused_layer_double_backward, ::trilinear_slot, ::segment_sum,
-::segment_expand). Kernels need CUDA tensors, or CPU tensors with
+::edge_geometry_double_backward, ::fused_layer, ::fused_layer_backward, ::fused_layer_double_backward,
+::trilinear_slot, ::segment_sum, ::segment_expand). Kernels need CUDA tensors, or CPU tensors with
 TRITON_INTERPRET=1 set before triton is imported; importing this package does not import triton.
 """
