@@ -960,19 +960,21 @@ def test_an_interpreter_that_cannot_run_the_kernels_says_why(monkeypatch):
     from allegro_fast.kernels import _common
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for triton_version, numpy_version, fails in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
-                                                 ("3.7.1", "2.4.6", False), ("3.10.0", "3.0.0rc1", False),
-                                                 ("3.5.1", "2.10.0", True)):
-        monkeypatch.setattr(triton, "__version__", triton_version)
-        monkeypatch.setattr(numpy, "__version__", numpy_version)
-        _common.interpreter_problem.cache_clear()
-        if fails:
-            with pytest.raises(RuntimeError, match=f"Triton {triton_version} interpreter .* numpy {numpy_version}.*"
-                                                   "numpy<2.4, or Triton >= 3.7"):
+    try:
+        for triton_version, numpy_version, fails in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                     ("3.7.1", "2.4.6", False), ("3.10.0", "3.0.0rc1", False),
+                                                     ("3.5.1", "2.10.0", True)):
+            monkeypatch.setattr(triton, "__version__", triton_version)
+            monkeypatch.setattr(numpy, "__version__", numpy_version)
+            _common.interpreter_problem.cache_clear()
+            if fails:
+                with pytest.raises(RuntimeError, match=f"Triton {triton_version} interpreter .* numpy "
+                                                       f"{numpy_version}.*numpy<2.4, or Triton >= 3.7"):
+                    _common.ensure_triton_device(torch.zeros(3))
+            else:
                 _common.ensure_triton_device(torch.zeros(3))
-        else:
-            _common.ensure_triton_device(torch.zeros(3))
-    _common.interpreter_problem.cache_clear()
+    finally:
+        _common.interpreter_problem.cache_clear()  # the real versions' answer, for the tests after this one
 
 
 def test_only_the_first_layer_takes_harmonics_for_its_features():
