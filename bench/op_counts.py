@@ -84,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import allegro_fast as af
 
-    stand_ins = []
+    stand_ins, restore = [], lambda: None
     if args.backend == "triton":
         from allegro_fast.kernels import _common, segments
 
         stand_ins.append(_common.kernel_selection(()))  # the generated kernels: not launched
-        segments._kernel = lambda: _common._NotLaunched()  # nor the segment sums'
+        segment_kernel, segments._kernel = segments._kernel, lambda: _common._NotLaunched()  # nor the segment sums'
+
+        def restore() -> None:
+            segments._kernel = segment_kernel
     atoms = bulk("Ag", "fcc", a=4.09, cubic=True).repeat((2, 2, 2))
     atoms.rattle(0.05, seed=0)
     graph = af.AtomicGraph.from_ase(atoms, r_max=5.0, dtype=torch.float32)
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     for context in stand_ins:
         context.__exit__(None, None, None)
+    restore()
     if args.compiled_graphs:
         print(json.dumps({"backend": args.backend, "call": "compiled training graphs",
                           **compiled_graph_nodes(model, graph)}))
