@@ -28,6 +28,7 @@ import collections
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the triton backend on CPU tensors
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by-node", action="store_true", help="the training step's loss backward by autograd node")
     parser.add_argument("--compiled-graphs", action="store_true",
                         help="the nodes of the compiled training step's forward and backward graphs")
+    parser.add_argument("--output", help="also write the results as one JSON file (with versions and commit)")
     args = parser.parse_args(argv)
 
     import torch
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for context in stand_ins:
         context.__enter__()
+    results = []
     for name in args.calls:
         call = inference if name == "inference" else training
         call()  # the first call generates the kernels' sources
@@ -130,12 +133,21 @@ def main(argv: list[str] | None = None) -> int:
             result["loss_backward"]["top"] = result["loss_backward"]["top"][:args.top]
         result["top"] = result["top"][:args.top]
         print(json.dumps(result))
+        results.append(result)
     for context in stand_ins:
         context.__exit__(None, None, None)
     restore()
     if args.compiled_graphs:
-        print(json.dumps({"backend": args.backend, "call": "compiled training graphs",
-                          **compiled_graph_nodes(model, graph)}))
+        results.append({"backend": args.backend, "call": "compiled training graphs",
+                        **compiled_graph_nodes(model, graph)})
+        print(json.dumps(results[-1]))
+    if args.output is not None:
+        import time
+
+        from allegro_fast.bench_cli import git_commit, versions, write_json_atomic
+
+        write_json_atomic(Path(args.output), {"results": results, "device": "cpu", "versions": versions(),
+                                        "commit": git_commit(), "date": time.strftime("%Y-%m-%d")})
     return 0
 
 
