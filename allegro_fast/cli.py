@@ -6,6 +6,7 @@
         [--device cuda --backend triton --cuda-graphs]         ... on a GPU, on the Triton kernels, as CUDA graphs
     allegro-fast demo [--minutes 2]                             generate data, train, evaluate, run MD
     allegro-fast lammps MODEL OUT [--dtype float64]             the model file for LAMMPS (pair_style mliap unified)
+        [--compile]                                             ... run through torch.compile in every rank
     allegro-fast bench [--quick] [--device cuda] ...            end-to-end benchmarks (see bench/README.md)
 
 Errors in the input (a misspelt config key, a malformed data file, a species the model does not know)

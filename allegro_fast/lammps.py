@@ -33,6 +33,10 @@ pickle (".mliap.pkl" by convention), which LAMMPS reads with pickle.load.
     python -m allegro_fast.lammps model.pt model.mliap.pkl      # then, in the LAMMPS input:
     pair_style mliap unified model.mliap.pkl 0
     pair_coeff * * Ag Cu                                        # element of LAMMPS type 1, 2, ...
+
+With --compile (`AllegroMLIAPUnified(compile=True)`) every rank runs the evaluation as one torch.compile'd program
+with dynamic shapes (`PairForceField`), compiled at its first step: the pair and atom counts change from step to
+step and from rank to rank without compiling again.
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .atomic_files import atomic_write
 from .config import AllegroConfig
 from .potential import AllegroPotential
 
-__all__ = ["AllegroMLIAPUnified", "PairGraph", "evaluate_pairs", "lammps_python_path", "main", "write_lammps_model"]
+__all__ = ["AllegroMLIAPUnified", "PairForceField", "PairGraph", "evaluate_pairs", "lammps_python_path", "main",
+           "write_lammps_model"]
 
 FORMAT = "allegro-fast-lammps-mliap"
 FORMAT_VERSION = 1
@@ -97,6 +103,39 @@ class PairGraph:
         return cls(torch.stack([centers, neighbours]), num_nodes, center_ptr)
 
 
+class PairForceField(nn.Module):
+    """`evaluate_pairs`' tensor part: (energies (L,) float64, dE/d rij (P, 3)) of the listed atoms, from edge vectors
+    that require grad (made by the caller: Dynamo cannot trace requires_grad_), edges sorted by center.
+
+    ``traceable``: share the model through `export`'s one-chunk copy, for torch.compile (`AllegroMLIAPUnified`'s
+    compile). ``slots``: None, or an empty (K,) tensor fixing the torch backend's neighbour-slot count
+    (`export.slot_template`); without it an eager call chooses K itself and a traced one takes the edge list.
+    """
+
+    def __init__(self, model: AllegroPotential, traceable: bool = False) -> None:
+        super().__init__()
+        from .export import _traceable_copy
+
+        self.model = _traceable_copy(model) if traceable else model
+
+    def forward(self, edge_vectors: torch.Tensor, species: torch.Tensor, centers: torch.Tensor,
+                neighbours: torch.Tensor, list_atoms: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            atom_range = torch.arange(species.shape[0] + 1, device=centers.device, dtype=centers.dtype)
+            graph = PairGraph(torch.stack([centers, neighbours]), species.shape[0],
+                              torch.searchsorted(centers, atom_range))
+            if slots is not None:
+                graph.fixed_slots = slots.shape[0]
+            energies = self.model.atomic_energies(edge_vectors, species, graph).index_select(0, list_atoms)
+            gradients = None
+            if energies.requires_grad:  # not where there are no pairs
+                (gradients,) = torch.autograd.grad(energies.sum(), edge_vectors, allow_unused=True)
+        if gradients is None:
+            gradients = torch.zeros_like(edge_vectors)
+        return energies.detach(), gradients.detach()
+
+
 def evaluate_pairs(
     model: AllegroPotential,
     rij: np.ndarray,
@@ -104,6 +143,7 @@ def evaluate_pairs(
     pair_j: np.ndarray,
     elems: np.ndarray,
     list_atoms: np.ndarray,
+    compiled=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-atom energies of the listed atoms and dE/d rij for every pair, from pairs alone.
 
@@ -111,6 +151,8 @@ def evaluate_pairs(
     ghost; atoms that appear in no pair and no list may carry -1, LAMMPS's NULL); list_atoms (L,) the atoms
     whose energies are wanted, each of which must have all its neighbours among the pairs.
     Returns (energies (L,) eV, gradients (P, 3) eV/Å) as float64 numpy arrays, with E = sum of energies.
+    ``compiled``: a torch.compile'd `PairForceField` (traceable) of this model, used where P, N_all and L are all
+    at least 2 (tracing specializes the sizes 0 and 1; those calls run eagerly instead of compiling again).
     """
     parameter = next(model.parameters())
     dtype, device = parameter.dtype, parameter.device
@@ -132,6 +174,18 @@ def evaluate_pairs(
         )
     species = species.clamp(min=0)
 
+    # The nodes: an atom that is a center or listed keeps its own (in index order, so sorted centers stay sorted);
+    # an atom that is only some pair's neighbour j enters the model through its species alone, so all of those
+    # share one node per species. LAMMPS's ghosts, several times the local atoms, then cost no node, and the
+    # torch backend's neighbour-slot layout (N K slots) sees the local atoms only, as the ASE path does.
+    own = torch.zeros(num_nodes, dtype=torch.bool)
+    own[centers] = True
+    own[list_atoms] = True
+    node = torch.where(own, torch.cumsum(own, 0) - 1, int(own.sum()) + species)
+    centers, neighbours, list_atoms = node[centers], node[neighbours], node[list_atoms]
+    species = torch.cat([species[own], torch.arange(num_types)])
+    num_nodes = int(species.shape[0])
+
     # Edges sorted by center (CSR order). LAMMPS hands the pairs grouped by center in its list order, which is
     # ascending for its standard lists; sort (stably) only when they are not.
     order = None
@@ -139,21 +193,37 @@ def evaluate_pairs(
         order = torch.argsort(centers, stable=True)
         centers, neighbours, rij = centers[order], neighbours[order], rij[order.numpy()]
 
-    graph = PairGraph.from_sorted_pairs(centers.to(device), neighbours.to(device), num_nodes)
+    inputs = (centers.to(device), neighbours.to(device), list_atoms.to(device))
     edge_vectors = torch.as_tensor(rij, dtype=dtype, device=device).requires_grad_(True)
-    atomic_energy = model.atomic_energies(edge_vectors, species.to(device), graph)
-    energies = atomic_energy.index_select(0, list_atoms.to(device))
-    if edge_vectors.shape[0] > 0:
-        (gradients,) = torch.autograd.grad(energies.sum(), edge_vectors, allow_unused=True)
-        gradients = torch.zeros_like(edge_vectors) if gradients is None else gradients
+    if compiled is not None and min(rij.shape[0], num_nodes, int(list_atoms.shape[0])) >= 2:
+        from .export import slot_template
+
+        slots = slot_template(model, inputs[0].unsqueeze(0), num_nodes)
+        energies, gradients = compiled(edge_vectors, species.to(device), *inputs, slots=slots)
     else:
-        gradients = edge_vectors.detach()
-    gradients = gradients.detach().to("cpu", torch.float64).numpy()
+        energies, gradients = PairForceField(model)(edge_vectors, species.to(device), *inputs)
+    gradients = gradients.to("cpu", torch.float64).numpy()
     if order is not None:
         unsorted = np.empty_like(gradients)
         unsorted[order.numpy()] = gradients
         gradients = unsorted
-    return energies.detach().to("cpu", torch.float64).numpy(), np.ascontiguousarray(gradients)
+    return energies.to("cpu", torch.float64).numpy(), np.ascontiguousarray(gradients)
+
+
+class _CompiledPairs:
+    """torch.compile of a traceable `PairForceField` (dynamic shapes, one graph), called with the settings that
+    compiling it needs (Dynamo traces its autograd.grad; the package's cache tag, `export._CompileSettings`)."""
+
+    def __init__(self, model: AllegroPotential, backend: str) -> None:
+        from .export import _CompileSettings
+
+        self.function = torch.compile(PairForceField(model, traceable=True).forward, dynamic=True, fullgraph=True,
+                                      backend=backend)
+        self.settings = _CompileSettings((torch._dynamo.config, "trace_autograd_ops", True))
+
+    def __call__(self, *inputs: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.settings:
+            return self.function(*inputs, slots=slots)
 
 
 class AllegroMLIAPUnified:
@@ -162,10 +232,19 @@ class AllegroMLIAPUnified:
     LAMMPS reads `element_types` (matched against `pair_coeff * * <elements>`), `rcutfac` (half the cutoff),
     `ndescriptors` and `nparams` (unused by a unified model, but must be set), sets `interface`, and calls
     compute_descriptors, compute_gradients and compute_forces each step; all the work is in compute_forces.
-    Pickles as config + weights and rebuilds the model when unpickled (see the module docstring).
+    Pickles as config + weights (and the options below) and rebuilds the model when unpickled (see the module
+    docstring).
+
+    ``compile`` (default False): evaluate through torch.compile (`PairForceField`, dynamic shapes: one program for
+    every pair and atom count; a string names the torch.compile backend, True is inductor). Each LAMMPS process
+    compiles at its first step (about a minute on a CPU core; less when inductor's disk cache has the program).
     """
 
-    def __init__(self, model: AllegroPotential, device: str | torch.device | None = None) -> None:
+    def __init__(self, model: AllegroPotential, device: str | torch.device | None = None,
+                 compile: bool | str = False) -> None:
+        if not isinstance(compile, (bool, str)) or compile == "":
+            raise ValueError(f"AllegroMLIAPUnified: compile must be True, False or a torch.compile backend name, "
+                             f"got {compile!r}")
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
@@ -174,6 +253,8 @@ class AllegroMLIAPUnified:
         self.ndescriptors = 1
         self.nparams = 1
         self.rcutfac = 0.5 * float(model.config.r_max)
+        self.compile = compile
+        self._compiled = _CompiledPairs(self.model, "inductor" if compile is True else compile) if compile else None
 
     def compute_descriptors(self, data) -> None:
         """Nothing to do: Allegro has no separate descriptor stage."""
@@ -189,7 +270,7 @@ class AllegroMLIAPUnified:
         else:
             rij, pair_i, pair_j = np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0, np.int32)
         list_atoms = data.iatoms[:num_list] if num_list > 0 else np.zeros(0, np.int32)
-        energies, gradients = evaluate_pairs(self.model, rij, pair_i, pair_j, data.elems, list_atoms)
+        energies, gradients = evaluate_pairs(self.model, rij, pair_i, pair_j, data.elems, list_atoms, self._compiled)
         if num_list > 0:
             data.eatoms = energies
         data.energy = float(energies.sum())
@@ -210,6 +291,7 @@ class AllegroMLIAPUnified:
             "device": str(parameter.device),
             "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
             "metadata": dict(getattr(model, "metadata", {}) or {}),
+            "compile": self.compile,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -237,7 +319,7 @@ class AllegroMLIAPUnified:
         model = model.to(getattr(torch, state["dtype"]))
         model.load_state_dict(state["state_dict"])
         model.metadata = state.get("metadata", {})
-        self.__init__(model, device=device)
+        self.__init__(model, device=device, compile=state.get("compile", False))
 
 
 def write_lammps_model(
@@ -246,12 +328,14 @@ def write_lammps_model(
     dtype: str = "float64",
     device: str = "cpu",
     backend: str | None = None,
+    compile: bool | str = False,
 ) -> AllegroMLIAPUnified:
     """Write the file that `pair_style mliap unified OUT 0` loads, from a model saved with allegro_fast.save.
 
     dtype: "float64" (default; LAMMPS integrates in double precision) or "float32". device: where the model
     runs inside LAMMPS ("cpu", "cuda", "cuda:1"). backend: override the saved backend ("torch", "triton",
-    "reference"). The file is a pickle written atomically; a .pt/.pth suffix is refused (LAMMPS would read
+    "reference"). compile: the model runs through torch.compile inside LAMMPS (`AllegroMLIAPUnified`).
+    The file is a pickle written atomically; a .pt/.pth suffix is refused (LAMMPS would read
     it with torch.load, which refuses pickled classes). Returns the unified model that was written.
     """
     from .serialization import load
@@ -265,7 +349,7 @@ def write_lammps_model(
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     model = load(model_path, backend=backend).to(getattr(torch, dtype))
-    unified = AllegroMLIAPUnified(model, device=device)
+    unified = AllegroMLIAPUnified(model, device=device, compile=compile)
     atomic_write(out_path, lambda stream: pickle.dump(unified, stream, protocol=pickle.HIGHEST_PROTOCOL))
     return unified
 
@@ -282,18 +366,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="precision inside LAMMPS (default float64)")
     parser.add_argument("--device", default="cpu", help="torch device the model runs on in LAMMPS (default cpu)")
     parser.add_argument("--backend", default=None, help="override the saved backend (torch, triton, reference)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile in LAMMPS (each rank compiles at its first step)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the LAMMPS model file and print the pair_style / pair_coeff lines that use it."""
     try:
-        unified = write_lammps_model(args.model, args.out, dtype=args.dtype, device=args.device, backend=args.backend)
+        unified = write_lammps_model(args.model, args.out, dtype=args.dtype, device=args.device, backend=args.backend,
+                                     compile=args.compile)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     elements = " ".join(unified.element_types)
-    print(f"wrote {args.out} (r_max {2 * unified.rcutfac:g} Å, elements {elements}, {args.dtype}, {args.device})")
+    how = ", torch.compile" if args.compile else ""
+    print(f"wrote {args.out} (r_max {2 * unified.rcutfac:g} Å, elements {elements}, {args.dtype}, {args.device}{how})")
     print("in the LAMMPS input (units metal, newton on):")
     print(f"    pair_style mliap unified {args.out} 0")
     print(f"    pair_coeff * * {elements}    # one element per LAMMPS atom type, in type order")

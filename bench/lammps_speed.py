@@ -2,16 +2,21 @@
 
     python bench/lammps_speed.py                        # writes bench/results/lammps-<date>-<time>.json
     python bench/lammps_speed.py --repeat 4 --steps 20 --rounds 3 --dtype float64 --ranks 1 2
+    python bench/lammps_speed.py --providers ase ase-compiled lammps lammps-compiled --ase-threads 1
 
 Case (DESIGN section 6): fcc Ag, a = 4.09 Å, cubic cell replicated `repeat` times per axis (4: 256 atoms),
 rattled 0.05 Å with seed 0; the default model (2 layers, l_max 2, 64 scalar / 16 tensor features,
 r_max 5 Å) with seeded random weights and avg_num_neighbors from the structure. Both sides run NVE
 velocity Verlet from 600 K (different random velocities; the speed does not depend on them), 1 fs steps.
 
-Providers, each in its own fresh process(es):
+Providers (--providers), each in its own fresh process(es):
   ase      AllegroCalculator (Verlet skin 1 Å) + ase.md.VelocityVerlet, torch with 1 and with 2 threads;
+  ase-compiled      the same with AllegroCalculator(compile=True);
   lammps   `pair_style mliap unified` under mpiexec with 1 and 2 ranks, one torch thread per rank
-           (LAMMPS's own neighbour list, skin 2 Å, rebuilt when needed).
+           (LAMMPS's own neighbour list, skin 2 Å, rebuilt when needed);
+  lammps-compiled   the same with the model written with compile=True (`allegro-fast lammps --compile`).
+The compiled providers compile in every process during the warm-up steps (inductor's disk cache shortens it after
+the first); the timed steps follow.
 Timing: a few warm-up steps, then `steps` timed steps (LAMMPS: `run N pre no post no` between MPI
 barriers), each provider `rounds` times, interleaved. Reported per run and as the median over rounds:
 steps/s and µs/atom/step = wall / (steps * atoms); and steps per CPU second of the busiest rank
@@ -52,7 +57,8 @@ def silver(repeat: int):
 
 
 def build_model(repeat: int, dtype: str, folder: Path) -> dict:
-    """Seeded default Ag model, saved (model.pt) and converted for LAMMPS (model.mliap.pkl)."""
+    """Seeded default Ag model, saved (model.pt) and converted for LAMMPS: model.mliap.pkl, and
+    model-compiled.mliap.pkl for the lammps-compiled provider."""
     import torch
 
     import allegro_fast as af
@@ -65,6 +71,7 @@ def build_model(repeat: int, dtype: str, folder: Path) -> dict:
     model = af.Allegro(config).to(getattr(torch, dtype))
     af.save(model, folder / "model.pt")
     write_lammps_model(folder / "model.pt", folder / "model.mliap.pkl", dtype=dtype)
+    write_lammps_model(folder / "model.pt", folder / "model-compiled.mliap.pkl", dtype=dtype, compile=True)
     return {"num_atoms": len(atoms), "num_edges": graph.num_edges, "config": config.to_dict(),
             "num_parameters": sum(p.numel() for p in model.parameters())}
 
@@ -83,7 +90,7 @@ def ase_worker(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     atoms = silver(job["repeat"])
-    atoms.calc = af.AllegroCalculator(af.load(job["model_pt"]))
+    atoms.calc = af.AllegroCalculator(af.load(job["model_pt"]), compile=job["provider"] == "ase-compiled")
     initial_energy = atoms.get_potential_energy()
     MaxwellBoltzmannDistribution(atoms, temperature_K=TEMPERATURE_K, rng=np.random.default_rng(1))
     dynamics = VelocityVerlet(atoms, timestep=TIMESTEP_FS * units.fs)
@@ -116,7 +123,7 @@ def lammps_worker(job: dict) -> dict:
     lmp.create_atoms(len(atoms), list(range(1, len(atoms) + 1)), [1] * len(atoms), atoms.positions.ravel().tolist())
     lmp.commands_string(f"""
         mass 1 {float(atoms.get_masses()[0])!r}
-        pair_style mliap unified {job["model_pkl"]} 0
+        pair_style mliap unified {job["model_pkl"][job["provider"]]} 0
         pair_coeff * * Ag
         run 0
     """)
@@ -155,11 +162,12 @@ def worker_main(kind: str, job_path: str, result_path: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------
-def run_provider(kind: str, job: dict, folder: Path, ranks: int, threads: int) -> dict:
+def run_provider(provider: str, job: dict, folder: Path, ranks: int, threads: int) -> dict:
     from allegro_fast.lammps import lammps_python_path
 
-    job = {**job, "threads": threads}
-    name = f"{kind}-r{ranks}-t{threads}"
+    kind = provider.split("-")[0]  # ase or lammps: the worker
+    job = {**job, "threads": threads, "provider": provider}
+    name = f"{provider}-r{ranks}-t{threads}"
     job_path, result_path = folder / f"{name}.json", folder / f"{name}.out.json"
     job_path.write_text(json.dumps(job))
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
@@ -175,7 +183,7 @@ def run_provider(kind: str, job: dict, folder: Path, ranks: int, threads: int) -
         raise RuntimeError(f"{name} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}")
     result = json.loads(result_path.read_text())
     steps, num_atoms = job["steps"], job["num_atoms"]
-    return {"provider": kind, "ranks": ranks, "threads_per_rank": threads, "steps": steps, "num_atoms": num_atoms,
+    return {"provider": provider, "ranks": ranks, "threads_per_rank": threads, "steps": steps, "num_atoms": num_atoms,
             "dtype": job["dtype"], "seconds": result["seconds"], "steps_per_s": steps / result["seconds"],
             "us_per_atom_step": 1e6 * result["seconds"] / (steps * num_atoms),
             "cpu_seconds_max_rank": result["cpu_seconds_max_rank"], "cpu_seconds_all_ranks": result["cpu_seconds_all_ranks"],
@@ -196,6 +204,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ase-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--providers", nargs="+", default=["ase", "lammps", "lammps-compiled"],
+                        choices=("ase", "ase-compiled", "lammps", "lammps-compiled"))
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every provider")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -210,8 +220,12 @@ def main(argv=None) -> None:
         folder = Path(temporary)
         case = build_model(args.repeat, args.dtype, folder)
         job = {"repeat": args.repeat, "steps": args.steps, "dtype": args.dtype, "num_atoms": case["num_atoms"],
-               "model_pt": str(folder / "model.pt"), "model_pkl": str(folder / "model.mliap.pkl")}
-        providers = [("ase", 1, threads) for threads in args.ase_threads] + [("lammps", ranks, 1) for ranks in args.ranks]
+               "model_pt": str(folder / "model.pt"),
+               "model_pkl": {"lammps": str(folder / "model.mliap.pkl"),
+                             "lammps-compiled": str(folder / "model-compiled.mliap.pkl")}}
+        providers = [(provider, ranks, 1) if provider.startswith("lammps") else (provider, 1, ranks)
+                     for provider in args.providers
+                     for ranks in (args.ranks if provider.startswith("lammps") else args.ase_threads)]
         rows = []
         for round_index in range(args.rounds):  # interleaved, so that a change in the machine's load hits all
             for kind, ranks, threads in providers:
@@ -242,10 +256,10 @@ def main(argv=None) -> None:
     out = args.out or REPO / "bench" / "results" / f"lammps-{now:%Y-%m-%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\n{'provider':8} {'ranks':>5} {'threads':>7} {'steps/s':>9} {'(min-max)':>15} {'us/atom/step':>13} "
+    print(f"\n{'provider':16} {'ranks':>5} {'threads':>7} {'steps/s':>9} {'(min-max)':>15} {'us/atom/step':>13} "
           f"{'steps/CPU-s':>12}")
     for row in summary:
-        print(f"{row['provider']:8} {row['ranks']:5d} {row['threads_per_rank']:7d} {row['median_steps_per_s']:9.3f} "
+        print(f"{row['provider']:16} {row['ranks']:5d} {row['threads_per_rank']:7d} {row['median_steps_per_s']:9.3f} "
               f"{row['min_steps_per_s']:7.3f}-{row['max_steps_per_s']:<7.3f} {row['median_us_per_atom_step']:13.1f} "
               f"{row['median_steps_per_cpu_s_max_rank']:12.3f}")
     energies = [r["initial_energy_eV"] for r in rows]

@@ -244,6 +244,37 @@ def test_written_file_rebuilds_the_same_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_compiled_pairs_match_eager_without_recompiling(tmp_path):
+    """compile=True (inductor, dynamic shapes): one program serves ranks with other pair and atom counts, equal to
+    the eager evaluation to float64 round-off; a call with fewer than two pairs runs eagerly; the option survives
+    the pickle LAMMPS loads."""
+    model = alloy_model()
+    af.save(model, tmp_path / "model.pt")
+    assert main([str(tmp_path / "model.pt"), str(tmp_path / "model.mliap.pkl"), "--compile"]) == 0
+    with open(tmp_path / "model.mliap.pkl", "rb") as stream:
+        compiled = pickle.load(stream)
+    assert compiled.compile is True and compiled._compiled is not None
+    eager = AllegroMLIAPUnified(model)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed, num_ranks in ((1, 1), (2, 2), (3, 2)):
+        atoms = sheared_alloy(repeat=2, seed=seed)
+        expected = run_fake_ranks(eager, atoms, num_ranks)
+        for got, want, what in zip(run_fake_ranks(compiled, atoms, num_ranks), expected,
+                                   ("energy", "per-atom energy", "forces", "virial")):
+            assert_close(float64(np.atleast_1d(got)), float64(np.atleast_1d(want)), f"{num_ranks} rank(s): {what}",
+                         1e-12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+    single = FakeMLIAPData(np.array([[1.0, 2.0, 0.5]]), [0], [1], [0, 1], nlocal=2)
+    reference = FakeMLIAPData(np.array([[1.0, 2.0, 0.5]]), [0], [1], [0, 1], nlocal=2)
+    compiled.compute_forces(single)
+    eager.compute_forces(reference)
+    np.testing.assert_array_equal(single.f, reference.f)
+    np.testing.assert_array_equal(single.written_eatoms, reference.written_eatoms)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+@pytest.mark.slow
 def test_command_line_writes_an_importable_class(tmp_path):
     """`python -m allegro_fast.lammps` must pickle allegro_fast.lammps.AllegroMLIAPUnified, not __main__'s copy."""
     af.save(alloy_model(), tmp_path / "model.pt")
@@ -263,6 +294,8 @@ def test_bad_arguments_are_explained(tmp_path, capsys):
     assert main([str(tmp_path / "missing.pt"), str(tmp_path / "out.pkl")]) == 2
     assert "no model file" in capsys.readouterr().err
     assert not (tmp_path / "out.pkl").exists()
+    with pytest.raises(ValueError, match="compile must be True, False or a torch.compile backend name, got 3"):
+        AllegroMLIAPUnified(alloy_model(), compile=3)
     state = pickle.dumps(AllegroMLIAPUnified(alloy_model()))
     with pytest.raises(ValueError, match="format"):
         pickle.loads(state.replace(b"allegro-fast-lammps-mliap", b"allegro-fast-lammps-mliaq"))
@@ -353,6 +386,25 @@ def test_lammps_nve_conserves_energy(tmp_path, lammps_model):
     # stays put to 1e-3 of that (measured: 1.6e-4 eV of 11 eV over 200 steps of 1 fs).
     assert exchanged > 0.2 * kinetic[0]
     assert drift < 1e-3 * exchanged, f"total energy moved by {drift:.2e} eV while {exchanged:.2f} eV were exchanged"
+
+
+@requires_lammps
+@pytest.mark.slow
+def test_compiled_model_in_lammps_matches_the_eager_one(tmp_path, lammps_model):
+    """A model file written with compile=True, on 2 ranks: the same energy, forces and virial as the eager file,
+    and the same 20 NVE steps (float64 round-off)."""
+    model, model_file = lammps_model
+    compiled_file = tmp_path / "compiled.mliap.pkl"
+    write_lammps_model(model_file.with_name("model.pt"), compiled_file, compile=True)
+    atoms = sheared_alloy(repeat=3, seed=9)
+    run = {"steps": 20, "timestep": 0.001, "temperature": 600.0, "seed": 5, "thermo_every": 10}
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "compiled").mkdir()
+    eager = run_lammps(tmp_path / "eager", model_file, atoms, 2, **run)
+    compiled = run_lammps(tmp_path / "compiled", compiled_file, atoms, 2, **run)
+    assert compiled["energy"] == pytest.approx(eager["energy"], rel=1e-12)
+    for key in ("atomic_energy", "forces", "pressure_virial", "thermo", "positions"):
+        assert_close(float64(compiled[key]), float64(eager[key]), f"compiled vs eager LAMMPS: {key}", 1e-10)
 
 
 def thermo_rows(output: str) -> np.ndarray:
