@@ -99,11 +99,18 @@ def _one_chunk(num_edges):
     return [num_edges]
 
 
-def _traceable_copy(model: AllegroPotential) -> AllegroPotential:
-    """A shallow copy sharing parameters and buffers with ``model``, that processes all edges in one chunk."""
+def _traceable_copy(model: AllegroPotential, parameter_gradients: bool = True) -> AllegroPotential:
+    """A shallow copy sharing parameters and buffers with ``model``, that processes all edges in one chunk.
+
+    ``parameter_gradients=False`` (inference: only the inputs' gradients are taken) tells the triton backend's
+    layers so, as `AllegroPotential.forward` does for its calls: traced, a custom op's backward cannot ask the
+    autograd engine (`kernels._common.gradient_wanted`), and Dynamo would trace the mixing weights' gradient
+    (which AOTAutograd then drops) with guards on the edge count (its ranges of edges)."""
     traceable = copy.copy(model)
     if hasattr(model, "_chunk_sizes"):
         object.__setattr__(traceable, "_chunk_sizes", _one_chunk)
+    if not parameter_gradients:
+        object.__setattr__(traceable, "parameter_gradients", False)
     return traceable
 
 
@@ -130,7 +137,7 @@ class ForceField(nn.Module):
 
     def __init__(self, model: AllegroPotential, create_graph: bool = False, edge_list: bool = False) -> None:
         super().__init__()
-        self.model = _traceable_copy(model)
+        self.model = _traceable_copy(model, parameter_gradients=create_graph)
         self.r_max = float(model.config.r_max)
         self.create_graph = create_graph
         self.edge_list = edge_list

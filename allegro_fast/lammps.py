@@ -116,7 +116,7 @@ class PairForceField(nn.Module):
         super().__init__()
         from .export import _traceable_copy
 
-        self.model = _traceable_copy(model) if traceable else model
+        self.model = _traceable_copy(model, parameter_gradients=False) if traceable else model
 
     def forward(self, edge_vectors: torch.Tensor, species: torch.Tensor, centers: torch.Tensor,
                 neighbours: torch.Tensor, list_atoms: torch.Tensor,

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
-from conftest import randomize_edge_scale
+from conftest import TRITON_DEVICES, randomize_edge_scale
 
 import allegro_fast as af
 from allegro_fast.lammps import (
@@ -272,6 +272,32 @@ def test_compiled_pairs_match_eager_without_recompiling(tmp_path):
     np.testing.assert_array_equal(single.f, reference.f)
     np.testing.assert_array_equal(single.written_eatoms, reference.written_eatoms)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_backend_on_fake_ranks_eager_and_compiled(device):
+    """The triton backend through the pair interface (the graph of local atoms plus one node per species), eager
+    and compiled (CPU: the interpreter under aot_eager; CUDA: inductor), against the torch backend's ASE path."""
+    torch.manual_seed(0)
+    model = af.Allegro(alloy_config(l_max=1, num_tensor_features=3), backend="triton").double()
+    randomize_edge_scale(model, 0)
+    reference = af.Allegro(model.config).double()  # the torch backend with the same weights
+    reference.load_state_dict(model.state_dict())
+    atoms = sheared_alloy(repeat=1, seed=11)
+    expected = ase_path(reference, atoms)
+    model = model.to(device).eval()
+    compile = "aot_eager" if device == "cpu" else True
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for unified in (AllegroMLIAPUnified(model), AllegroMLIAPUnified(model, compile=compile)):
+        how = "compiled" if unified.compile else "eager"
+        for num_ranks in (1, 2):
+            energy, atomic_energy, forces, virial = run_fake_ranks(unified, atoms, num_ranks)
+            label = f"{how}, {num_ranks} rank(s)"
+            assert_close(float64([energy]), expected["energy"], f"{label}: energy", TOLERANCE[torch.float64])
+            assert_close(float64(forces), expected["forces"], f"{label}: forces", TOLERANCE[torch.float64])
+            assert_close(float64(-virial / atoms.get_volume()), expected["stress"][0], f"{label}: stress",
+                         TOLERANCE[torch.float64])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1  # one program for both splits
 
 
 @pytest.mark.slow
