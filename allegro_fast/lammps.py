@@ -9,9 +9,10 @@ its *local* atoms i with every atom j (local or ghost) closer than the cutoff:
     elems   (N_all,) element of every local and ghost atom, as an index into `element_types`
 
 Allegro is strictly local: E = sum_i E_i, and E_i depends only on the vectors r_ij to the neighbours j
-of i within r_max. All of them are among the pairs handed over for a local i, so every local E_i is
-computed from those pairs alone, on a graph whose nodes are the rank's local + ghost atoms and whose
-edges are the pairs (no positions or cell needed). The model returns
+of i within r_max and on the species. All of them are among the pairs handed over for a local i, so every
+local E_i is computed from those pairs alone, on a graph whose edges are the pairs (no positions or cell
+needed) and whose nodes are the rank's local atoms, plus one node per species that every ghost of that species
+shares (a neighbour j enters through its species only). The model returns
 
     eatoms[ii] = E_i for the ii-th atom of LAMMPS's list,     energy = sum of them on this rank,
     fij[p]     = dE_rank / d rij[p]   (autograd; E_rank = sum of the rank's local E_i),
@@ -143,7 +144,7 @@ def evaluate_pairs(
     pair_j: np.ndarray,
     elems: np.ndarray,
     list_atoms: np.ndarray,
-    compiled=None,
+    compiled: _CompiledPairs | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-atom energies of the listed atoms and dE/d rij for every pair, from pairs alone.
 
