@@ -59,8 +59,8 @@ from .atomic_files import atomic_write
 from .config import AllegroConfig
 from .potential import AllegroPotential
 
-__all__ = ["AllegroMLIAPUnified", "PairForceField", "PairGraph", "evaluate_pairs", "lammps_python_path", "main",
-           "write_lammps_model"]
+__all__ = ["AllegroMLIAPUnified", "PairForceField", "PairGraph", "evaluate_pairs", "lammps_python_path", "local_rank",
+           "main", "rank_device", "write_lammps_model"]
 
 FORMAT = "allegro-fast-lammps-mliap"
 FORMAT_VERSION = 1
@@ -211,6 +211,34 @@ def evaluate_pairs(
     return energies.to("cpu", torch.float64).numpy(), np.ascontiguousarray(gradients)
 
 
+# Where MPI launchers put a process's rank among the ranks on its node: MPICH's Hydra and Intel MPI, Open MPI,
+# MVAPICH2, Cray PALS, Slurm's srun, a generic PMI, torchrun.
+LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK",
+                        "PALS_LOCAL_RANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK", "LOCAL_RANK")
+
+
+def local_rank() -> int:
+    """This process's rank among the MPI ranks on its node, from the launcher's environment (`LOCAL_RANK_VARIABLES`,
+    the first that is set); 0 where none is. Not from MPI itself: a node-local communicator is a collective call,
+    which would hang a rank that loads a model file on its own."""
+    for name in LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def rank_device(device: str | torch.device) -> torch.device:
+    """The device this process runs the model on: ``device`` itself, except "cuda" without an index, which becomes
+    cuda:<`local_rank()` modulo the visible GPUs>, so that the ranks on a node spread over its GPUs (with as many
+    ranks per node as GPUs, one rank per GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    count = torch.cuda.device_count()
+    return torch.device("cuda", local_rank() % count) if count > 0 else device
+
+
 class _CompiledPairs:
     """torch.compile of a traceable `PairForceField` (dynamic shapes, one graph), called with the settings that
     compiling it needs (Dynamo traces its autograd.grad; the package's cache tag, `export._CompileSettings`)."""
@@ -236,6 +264,9 @@ class AllegroMLIAPUnified:
     Pickles as config + weights (and the options below) and rebuilds the model when unpickled (see the module
     docstring).
 
+    ``device``: where the model runs, as `rank_device` reads it: "cuda" without an index puts each MPI rank of a
+    node on its own GPU (the node-local rank modulo the GPUs it sees), "cuda:1" puts every rank on that one.
+    The request is what the pickle keeps, so a file written for "cuda" spreads over the GPUs of the nodes it runs on.
     ``compile`` (default False): evaluate through torch.compile (`PairForceField`, dynamic shapes: one program for
     every pair and atom count; a string names the torch.compile backend, True is inductor). Each LAMMPS process
     compiles at its first step (the default model, float64: 38 s on a CPU core with an empty cache, 13 s with
@@ -247,9 +278,10 @@ class AllegroMLIAPUnified:
         if not isinstance(compile, (bool, str)) or compile == "":
             raise ValueError(f"AllegroMLIAPUnified: compile must be True, False or a torch.compile backend name, "
                              f"got {compile!r}")
+        self.device = str(torch.device(device) if device is not None else next(model.parameters()).device)
         self.model = model.eval()
         if device is not None:
-            self.model.to(device)
+            self.model.to(rank_device(device))
         self.interface = None
         self.element_types = list(model.config.type_names)
         self.ndescriptors = 1
@@ -290,7 +322,7 @@ class AllegroMLIAPUnified:
             "model": type(model).__name__,
             "backend": getattr(model, "backend", None),
             "dtype": str(parameter.dtype).removeprefix("torch."),
-            "device": str(parameter.device),
+            "device": self.device,
             "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
             "metadata": dict(getattr(model, "metadata", {}) or {}),
             "compile": self.compile,
@@ -310,7 +342,7 @@ class AllegroMLIAPUnified:
         device = torch.device(state["device"])
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
-                f"this LAMMPS model file was written for device {device}, but torch sees no CUDA device here; "
+                f"this LAMMPS model file was written for device {state['device']}, but torch sees no CUDA device here; "
                 "write it again with `python -m allegro_fast.lammps MODEL OUT --device cpu`"
             )
         config = AllegroConfig.from_dict(state["config"])
@@ -321,7 +353,7 @@ class AllegroMLIAPUnified:
         model = model.to(getattr(torch, state["dtype"]))
         model.load_state_dict(state["state_dict"])
         model.metadata = state.get("metadata", {})
-        self.__init__(model, device=device, compile=state.get("compile", False))
+        self.__init__(model, device=state["device"], compile=state.get("compile", False))
 
 
 def write_lammps_model(
@@ -335,10 +367,12 @@ def write_lammps_model(
     """Write the file that `pair_style mliap unified OUT 0` loads, from a model saved with allegro_fast.save.
 
     dtype: "float64" (default; LAMMPS integrates in double precision) or "float32". device: where the model
-    runs inside LAMMPS ("cpu", "cuda", "cuda:1"). backend: override the saved backend ("torch", "triton",
-    "reference"). compile: the model runs through torch.compile inside LAMMPS (`AllegroMLIAPUnified`).
-    The file is a pickle written atomically; a .pt/.pth suffix is refused (LAMMPS would read
-    it with torch.load, which refuses pickled classes). Returns the unified model that was written.
+    runs inside LAMMPS ("cpu"; "cuda": each rank of a node on its own GPU, `rank_device`; "cuda:1": that GPU).
+    The file is written from the CPU, so a machine without the GPU can write it. backend: override the saved
+    backend ("torch", "triton", "reference"). compile: the model runs through torch.compile inside LAMMPS
+    (`AllegroMLIAPUnified`). The file is a pickle written atomically; a .pt/.pth suffix is refused (LAMMPS would
+    read it with torch.load, which refuses pickled classes). Returns the unified model that was written (its model
+    on the CPU, its `device` the one LAMMPS's ranks will use).
     """
     from .serialization import load
 
@@ -350,8 +384,10 @@ def write_lammps_model(
         )
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    device = str(torch.device(device))  # a malformed name fails here, not in LAMMPS
     model = load(model_path, backend=backend).to(getattr(torch, dtype))
-    unified = AllegroMLIAPUnified(model, device=device, compile=compile)
+    unified = AllegroMLIAPUnified(model, compile=compile)
+    unified.device = device
     atomic_write(out_path, lambda stream: pickle.dump(unified, stream, protocol=pickle.HIGHEST_PROTOCOL))
     return unified
 
@@ -366,7 +402,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("out", help="output file for LAMMPS, e.g. model.mliap.pkl (not .pt/.pth)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="precision inside LAMMPS (default float64)")
-    parser.add_argument("--device", default="cpu", help="torch device the model runs on in LAMMPS (default cpu)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device the model runs on in LAMMPS (default cpu; cuda: each MPI rank of a node on "
+                             "its own GPU, by node-local rank; cuda:N: every rank on GPU N)")
     parser.add_argument("--backend", default=None, help="override the saved backend (torch, triton, reference)")
     parser.add_argument("--compile", action="store_true",
                         help="run the model through torch.compile in LAMMPS (each rank compiles at its first step)")

@@ -27,16 +27,20 @@ from conftest import TRITON_DEVICES, randomize_edge_scale
 
 import allegro_fast as af
 from allegro_fast.lammps import (
+    LOCAL_RANK_VARIABLES,
     AllegroMLIAPUnified,
     evaluate_pairs,
     lammps_python_path,
+    local_rank,
     main,
+    rank_device,
     write_lammps_model,
 )
 from allegro_fast.testing import TOLERANCE, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 LAMMPS_TOLERANCE = TOLERANCE[torch.float64]  # 1e-10 (issue: 1e-8); measured ~3e-14 for forces
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 
 # LAMMPS type order (Ag = type 1, Cu = type 2) deliberately differs from the model's type order.
 LAMMPS_ELEMENTS = ("Ag", "Cu")
@@ -300,6 +304,50 @@ def test_triton_backend_on_fake_ranks_eager_and_compiled(device):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1  # one program for both splits
 
 
+def test_ranks_of_a_node_spread_over_its_gpus(tmp_path, monkeypatch):
+    """--device cuda: the file keeps "cuda" (written without a GPU), and each rank takes the GPU of its node-local
+    rank, from the launcher's environment; an explicit index and the CPU stay as they are."""
+    for name in LOCAL_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert local_rank() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")  # the earlier entry of LOCAL_RANK_VARIABLES wins
+    assert local_rank() == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device("cuda") == torch.device("cuda", 1)
+    assert rank_device("cuda:0") == torch.device("cuda", 0)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert rank_device("cuda") == torch.device("cuda")
+
+    af.save(alloy_model(), tmp_path / "model.pt")
+    unified = write_lammps_model(tmp_path / "model.pt", tmp_path / "gpu.mliap.pkl", device="cuda")
+    assert unified.device == "cuda" and next(unified.model.parameters()).device.type == "cpu"
+    with open(tmp_path / "gpu.mliap.pkl", "rb") as stream:
+        state = pickle.load(stream).__getstate__() if torch.cuda.is_available() else None
+    if state is not None:
+        assert state["device"] == "cuda"
+    else:
+        with open(tmp_path / "gpu.mliap.pkl", "rb") as stream, pytest.raises(RuntimeError, match="for device cuda, but"):
+            pickle.load(stream)
+    with pytest.raises(RuntimeError, match="device"):
+        write_lammps_model(tmp_path / "model.pt", tmp_path / "bad.mliap.pkl", device="cdua")
+    assert not (tmp_path / "bad.mliap.pkl").exists()
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+def test_the_launcher_gives_each_rank_its_local_rank():
+    """Under a real mpiexec (the mpich wheel's Hydra), the ranks of this node read local ranks 0 and 1."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for name in LOCAL_RANK_VARIABLES:
+        environment.pop(name, None)
+    command = [MPIEXEC, "-n", "2", sys.executable, "-c",
+               "from allegro_fast.lammps import local_rank; print(local_rank())"]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert sorted(completed.stdout.split()) == ["0", "1"]
+
+
 @pytest.mark.slow
 def test_command_line_writes_an_importable_class(tmp_path):
     """`python -m allegro_fast.lammps` must pickle allegro_fast.lammps.AllegroMLIAPUnified, not __main__'s copy."""
@@ -331,7 +379,6 @@ def test_bad_arguments_are_explained(tmp_path, capsys):
 # A real LAMMPS
 # ----------------------------------------------------------------------------------------------------------
 LAMMPS_PYTHON = lammps_python_path()
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 requires_lammps = pytest.mark.skipif(
     LAMMPS_PYTHON is None or MPIEXEC is None,
     reason="no LAMMPS with ML-IAP Python support at $ALLEGRO_FAST_LAMMPS or ~/.cache/allegro-fast/lammps "
