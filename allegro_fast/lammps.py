@@ -199,7 +199,7 @@ def evaluate_pairs(
     if compiled is not None and min(rij.shape[0], num_nodes, int(list_atoms.shape[0])) >= 2:
         from .export import slot_template
 
-        slots = slot_template(model, inputs[0].unsqueeze(0), num_nodes)
+        slots = slot_template(model, inputs[0].unsqueeze(0), num_nodes)  # it reads the edges' centers only
         energies, gradients = compiled(edge_vectors, species.to(device), *inputs, slots=slots)
     else:
         energies, gradients = PairForceField(model)(edge_vectors, species.to(device), *inputs)
