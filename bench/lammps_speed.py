@@ -223,19 +223,20 @@ def main(argv=None) -> None:
                "model_pt": str(folder / "model.pt"),
                "model_pkl": {"lammps": str(folder / "model.mliap.pkl"),
                              "lammps-compiled": str(folder / "model-compiled.mliap.pkl")}}
-        providers = [(provider, ranks, 1) if provider.startswith("lammps") else (provider, 1, ranks)
+        # (provider, MPI ranks, torch threads per rank): LAMMPS over --ranks with one thread, ASE over --ase-threads
+        providers = [(provider, count, 1) if provider.startswith("lammps") else (provider, 1, count)
                      for provider in args.providers
-                     for ranks in (args.ranks if provider.startswith("lammps") else args.ase_threads)]
+                     for count in (args.ranks if provider.startswith("lammps") else args.ase_threads)]
         rows = []
         for round_index in range(args.rounds):  # interleaved, so that a change in the machine's load hits all
-            for kind, ranks, threads in providers:
-                rows.append({"round": round_index, **run_provider(kind, job, folder, ranks, threads)})
+            for provider, ranks, threads in providers:
+                rows.append({"round": round_index, **run_provider(provider, job, folder, ranks, threads)})
                 print(json.dumps(rows[-1]), flush=True)
     summary = []
-    for kind, ranks, threads in providers:
-        mine = [r for r in rows if (r["provider"], r["ranks"], r["threads_per_rank"]) == (kind, ranks, threads)]
+    for provider, ranks, threads in providers:
+        mine = [r for r in rows if (r["provider"], r["ranks"], r["threads_per_rank"]) == (provider, ranks, threads)]
         steps_per_s = statistics.median(r["steps_per_s"] for r in mine)
-        summary.append({"provider": kind, "ranks": ranks, "threads_per_rank": threads, "rounds": len(mine),
+        summary.append({"provider": provider, "ranks": ranks, "threads_per_rank": threads, "rounds": len(mine),
                         "median_steps_per_s": steps_per_s,
                         "median_us_per_atom_step": 1e6 / (steps_per_s * case["num_atoms"]),
                         "min_steps_per_s": min(r["steps_per_s"] for r in mine),
